@@ -1,0 +1,218 @@
+"""The ``overlay`` command line (typer): tables, and the quickstart main job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from overlay import store
+from overlay import table as tbl
+
+app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True)
+table_app = typer.Typer(help="Build, inspect and drop semantic-weight tables.", no_args_is_help=True)
+app.add_typer(table_app, name="table")
+console = Console()
+
+REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with status 2 (bad input), never a traceback."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def client_or_fail(url: Optional[str]):
+    """Connect to Redis or exit with the store's clear message."""
+    try:
+        return store.connect(url)
+    except (store.StoreUnavailable, ValueError) as exc:
+        fail(str(exc))
+
+
+def open_table(client, domain: str, version: Optional[int] = None) -> tbl.SemanticTable:
+    """Open a domain's table or exit naming what exists."""
+    try:
+        return tbl.SemanticTable(client, domain, version)
+    except (tbl.TableNotFound, ValueError) as exc:
+        fail(str(exc))
+
+
+def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int = 3, vocab_size: int = 2000,
+                    tokenizer_path: Optional[Path] = None, limit: Optional[int] = None) -> tbl.BuildStats:
+    """Convert a dataset to chains, train (or load) the tokenizer, and build a new table version."""
+    from overlay.chains import ChainFormatError, load_chains
+    from overlay.tokenizer import encode, load_tokenizer, tokenizer_hash, train_tokenizer
+
+    try:
+        report = load_chains(data, fmt, limit=limit)
+    except (ChainFormatError, OSError) as exc:
+        fail(str(exc))
+    console.print(report.summary())
+    if not report.chains:
+        fail(f"{data}: no record could be converted to a chain")
+    texts = [c.to_text() for c in report.chains]
+    tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(texts, vocab_size=vocab_size)
+    used_before = client.info("memory").get("used_memory", 0)
+    with Progress(TextColumn("[bold]building table"), BarColumn(), TextColumn("{task.completed}/{task.total} keys"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("build", total=None)
+        stats = tbl.build_table(
+            client, domain, (encode(tok, t) for t in texts), vocab_size=len(tok),
+            tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok),
+            max_order=max_order, source=str(data),
+            on_flush=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    used_after = client.info("memory").get("used_memory", 0)
+    console.print(
+        f"[green]built[/] {domain} v{stats.version}: {stats.sequences} chains, {stats.tokens} tokens, "
+        f"{stats.contexts} contexts, {stats.entries} entries in {stats.seconds:.1f} s; "
+        f"Redis memory +{(used_after - used_before) / 2**20:.1f} MiB"
+    )
+    return stats
+
+
+@table_app.command("build")
+def table_build(
+    data: Path = typer.Option(..., "--data", help="JSONL file of records."),
+    fmt: str = typer.Option("gsm8k", "--format", help="gsm8k or jsonl."),
+    domain: str = typer.Option(..., "--domain", help="Domain name (a table per domain)."),
+    max_order: int = typer.Option(3, "--max-order", help="Longest context length N."),
+    vocab_size: int = typer.Option(2000, "--vocab-size", help="Tokenizer vocabulary size when training one."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Use this tokenizer.json instead of training one."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N records."),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """Build a new version of a domain's table; the active pointer flips only when it is complete."""
+    if fmt not in ("gsm8k", "jsonl"):
+        fail(f"--format must be gsm8k or jsonl, not {fmt!r}")
+    try:
+        tbl.check_domain(domain)
+    except ValueError as exc:
+        fail(str(exc))
+    build_from_file(client_or_fail(redis_url), data, fmt, domain, max_order=max_order, vocab_size=vocab_size,
+                    tokenizer_path=tokenizer, limit=limit)
+
+
+def show_neighbours(table: tbl.SemanticTable, text: str, k: int) -> None:
+    """Tokenise a context text and print its candidates with weights and the order used."""
+    from overlay.tokenizer import encode
+
+    if not text.strip():
+        fail("the context text is empty: give at least one word")
+    tok = table.tokenizer()
+    ids = encode(tok, text)
+    unknown = sum(1 for i in ids if i == tok.unk_token_id)
+    if unknown:
+        console.print(f"[yellow]note:[/] {unknown} unknown token(s) in the context; lookups back off past them")
+    nb = table.neighbours(ids, k)
+    out = Table(title=f"GetNeighbours({text[-60:]!r}) — order used {nb.order}")
+    for col in ("rank", "token", "id", "weight", "count", "order"):
+        out.add_column(col)
+    for rank, (i, w, c, o) in enumerate(zip(nb.ids, nb.weights, nb.counts, nb.orders), 1):
+        out.add_row(str(rank), repr(tok.convert_ids_to_tokens(i)), str(i), f"{w:.3f}", str(c), str(o))
+    console.print(out)
+
+
+@table_app.command("neighbours")
+def table_neighbours(
+    context: str = typer.Argument(..., help="Context text; its last tokens are looked up."),
+    domain: str = typer.Option(..., "--domain"),
+    k: int = typer.Option(16, "-k", "--k", help="Number of candidates."),
+    version: Optional[int] = typer.Option(None, "--version"),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """Print GetNeighbours' candidates for a context: token, weight, count and the order used."""
+    if k < 1:
+        fail("-k must be at least 1")
+    show_neighbours(open_table(client_or_fail(redis_url), domain, version), context, k)
+
+
+@table_app.command("list")
+def table_list(redis_url: Optional[str] = REDIS_OPT) -> None:
+    """List domains with their versions and which one is active."""
+    client = client_or_fail(redis_url)
+    out = Table(title="semantic-weight tables")
+    for col in ("domain", "version", "status", "contexts", "entries", "active"):
+        out.add_column(col)
+    for domain in tbl.list_domains(client):
+        active = tbl.active_version(client, domain)
+        for v, meta in tbl.versions(client, domain).items():
+            out.add_row(domain, str(v), meta.get("status", "?"), meta.get("contexts", "-"), meta.get("entries", "-"),
+                        "*" if v == active else "")
+    console.print(out)
+
+
+@table_app.command("info")
+def table_info(domain: str = typer.Argument(...), version: Optional[int] = typer.Option(None, "--version"),
+               redis_url: Optional[str] = REDIS_OPT) -> None:
+    """Show a table version's meta data."""
+    table = open_table(client_or_fail(redis_url), domain, version)
+    for key, value in sorted(table.info().items()):
+        console.print(f"{key:>16}: {value}")
+
+
+@table_app.command("drop")
+def table_drop(domain: str = typer.Argument(...),
+               version: Optional[int] = typer.Option(None, "--version", help="Drop only this (non-active) version."),
+               old: bool = typer.Option(False, "--old", help="Drop every version except the active one."),
+               redis_url: Optional[str] = REDIS_OPT) -> None:
+    """Drop a whole domain, one old version, or all old versions."""
+    try:
+        dropped = tbl.drop_table(client_or_fail(redis_url), domain, version, keep_active=old)
+    except (tbl.TableNotFound, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"dropped {domain} versions {dropped or 'none'}")
+
+
+@table_app.command("recall")
+def table_recall(
+    data: Path = typer.Option(..., "--data", help="Held-out JSONL records."),
+    domain: str = typer.Option(..., "--domain"),
+    fmt: str = typer.Option("gsm8k", "--format"),
+    ks: str = typer.Option("8,32,128", "--k", help="Comma-separated K values."),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """Candidate recall@K on held-out chains: the ceiling of what any selector can reach."""
+    from overlay.chains import load_chains
+    from overlay.tokenizer import encode
+
+    table = open_table(client_or_fail(redis_url), domain)
+    tok = table.tokenizer()
+    report = load_chains(data, fmt)
+    start = time.perf_counter()
+    recall = tbl.candidate_recall(table, (encode(tok, c.to_text()) for c in report.chains), [int(k) for k in ks.split(",")])
+    for k, r in recall.items():
+        console.print(f"recall@{k}: {r:.4f}")
+    console.print(f"({len(report.chains)} chains in {time.perf_counter() - start:.1f} s)")
+
+
+@app.command()
+def quickstart(
+    data_dir: Path = typer.Option(EXAMPLES, "--data-dir", help="Folder with gsm8k_train_sample.jsonl and gsm8k_test_sample.jsonl."),
+    domain: str = typer.Option("gsm8k-sample", "--domain"),
+    fresh: bool = typer.Option(False, "--fresh", help="Rebuild everything instead of reusing what exists."),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """The main job on the shipped sample: build the table and show GetNeighbours for an example context."""
+    train = data_dir / "gsm8k_train_sample.jsonl"
+    if not train.exists():
+        fail(f"sample data not found at {train}; pass --data-dir pointing at examples/data")
+    client = client_or_fail(redis_url)
+    if fresh or tbl.active_version(client, domain) is None:
+        build_from_file(client, train, "gsm8k", domain)
+    else:
+        console.print(f"reusing table {domain} v{tbl.active_version(client, domain)} (use --fresh to rebuild)")
+    table = open_table(client, domain)
+    show_neighbours(table, "<THOUGHT> Natalia sold 48/2 clips in May. <ACTION> CALL calc(", 10)
+
+
+if __name__ == "__main__":
+    app()

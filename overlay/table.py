@@ -1,0 +1,420 @@
+"""The semantic-weight table: context n-grams (orders 1..N) → weighted next tokens, in Redis.
+
+Key layout (one domain, one version ``N``)::
+
+    ovl:domains                         set of domain names
+    ovl:<domain>:active                 version readers use; set only when a build completed
+    ovl:<domain>:next                   version counter
+    ovl:<domain>:v<N>:meta              hash: status, orders, alpha, vocab size, counts, tokenizer
+    ovl:<domain>:v<N>:o0                zset token id → count (unigrams, the fallback)
+    ovl:<domain>:v<N>:o<n>:{<last>}:<ids>  zset token id → count for the context ``ids`` of length n,
+                                        plus the member ``t`` holding the context's total count
+
+The hash tag is the context's *last* token id, so every order of one lookup lives in one slot (one
+round trip, also on Redis Cluster) while the table as a whole spreads over thousands of slots.
+
+Weight of token ``w`` after context ``c`` of order n: the Lidstone-smoothed log-probability
+``ln((count(c, w) + alpha) / (count(c) + alpha * V))`` with V the vocabulary size. Candidates filled in
+from lower orders ("backoff") get their own order's weight plus ``ln(0.4)`` per order backed off
+(stupid backoff, Brants et al. 2007), so weights stay comparable across the merged list.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+TOTAL = "t"
+BACKOFF = math.log(0.4)
+PREFIX = "ovl"
+DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+UNIGRAM_CACHE = 256
+
+
+class TableNotFound(LookupError):
+    """The domain or version asked for does not exist or is not complete."""
+
+
+def check_domain(domain: str) -> str:
+    """Validate a domain name (it becomes part of Redis keys, so no braces, spaces or colons)."""
+    if not DOMAIN_RE.match(domain or ""):
+        raise ValueError(f"invalid domain name {domain!r}: use 1-64 characters of letters, digits, '_', '.', '-'")
+    return domain
+
+
+def _dkey(domain: str, suffix: str) -> str:
+    return f"{PREFIX}:{domain}:{suffix}"
+
+
+def _vkey(domain: str, version: int, suffix: str) -> str:
+    return f"{PREFIX}:{domain}:v{version}:{suffix}"
+
+
+def context_key(domain: str, version: int, context: Sequence[int]) -> str:
+    """Key of the zset for one context (order = len(context) ≥ 1), hash-tagged on its last token."""
+    ids = ",".join(map(str, context))
+    return _vkey(domain, version, f"o{len(context)}:{{{context[-1]}}}:{ids}")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class Neighbours:
+    """Candidates for one context: ids best first, their weights and counts, the order each came from."""
+
+    ids: list[int]
+    weights: list[float]
+    counts: list[int]
+    orders: list[int]
+    order: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class BuildStats:
+    """What a build wrote, for the meta hash and the CLI."""
+
+    version: int
+    tokens: int = 0
+    sequences: int = 0
+    contexts: int = 0
+    entries: int = 0
+    seconds: float = 0.0
+    per_order: dict[int, int] = field(default_factory=dict)
+
+
+def count_ngrams(sequences: Iterable[Sequence[int]], max_order: int) -> tuple[list[dict], Counter, int, int]:
+    """Count next tokens per context for orders 1..max_order, and unigrams; returns (orders, unigrams, tokens, seqs)."""
+    orders: list[dict[tuple[int, ...], Counter]] = [defaultdict(Counter) for _ in range(max_order + 1)]
+    unigrams: Counter = Counter()
+    tokens = seqs = 0
+    for seq in sequences:
+        seq = list(seq)
+        seqs += 1
+        tokens += len(seq)
+        unigrams.update(seq)
+        for i in range(1, len(seq)):
+            target = seq[i]
+            for n in range(1, min(max_order, i) + 1):
+                orders[n][tuple(seq[i - n : i])][target] += 1
+    return orders, unigrams, tokens, seqs
+
+
+def build_table(
+    client,
+    domain: str,
+    sequences: Iterable[Sequence[int]],
+    *,
+    vocab_size: int,
+    tokenizer_json: str = "",
+    tokenizer_hash: str = "",
+    max_order: int = 3,
+    alpha: float = 0.1,
+    source: str = "",
+    batch: int = 1000,
+    on_flush: Callable[[int, int], None] | None = None,
+) -> BuildStats:
+    """Count n-grams and write them as a new version; the active pointer moves only once all is written.
+
+    ``on_flush(written, total)`` is called after each pipelined batch (progress bars use it). If the
+    build stops for any reason, the new version stays marked ``building`` and the previous active
+    version is untouched; ``drop_table`` removes the leftover.
+    """
+    check_domain(domain)
+    if max_order < 1:
+        raise ValueError(f"max_order must be ≥ 1, got {max_order}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    start = time.perf_counter()
+    orders, unigrams, tokens, seqs = count_ngrams(sequences, max_order)
+    if tokens == 0:
+        raise ValueError(f"no tokens to build domain {domain!r} from: the input is empty")
+    version = int(client.incr(_dkey(domain, "next")))
+    stats = BuildStats(version=version, tokens=tokens, sequences=seqs)
+    meta_key = _vkey(domain, version, "meta")
+    client.sadd(f"{PREFIX}:domains", domain)
+    client.hset(
+        meta_key,
+        mapping={
+            "status": "building",
+            "created": time.time(),
+            "max_order": max_order,
+            "alpha": alpha,
+            "vocab_size": vocab_size,
+            "source": source,
+            "tokenizer_hash": tokenizer_hash,
+            "tokenizer": tokenizer_json,
+        },
+    )
+    total = 1 + sum(len(o) for o in orders)
+    written = 0
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(_vkey(domain, version, "o0"), {str(t): c for t, c in unigrams.items()})
+    for n in range(1, max_order + 1):
+        stats.per_order[n] = len(orders[n])
+        for ctx, nexts in orders[n].items():
+            mapping = {str(t): c for t, c in nexts.items()}
+            mapping[TOTAL] = sum(nexts.values())
+            pipe.zadd(context_key(domain, version, ctx), mapping)
+            stats.entries += len(nexts)
+            if len(pipe) >= batch:
+                written += len(pipe)
+                pipe.execute()
+                if on_flush:
+                    on_flush(written, total)
+    written += len(pipe)
+    pipe.execute()
+    if on_flush:
+        on_flush(written, total)
+    stats.contexts = total - 1
+    stats.seconds = time.perf_counter() - start
+    client.hset(
+        meta_key,
+        mapping={
+            "status": "complete",
+            "tokens": tokens,
+            "sequences": seqs,
+            "contexts": stats.contexts,
+            "entries": stats.entries,
+            "build_seconds": round(stats.seconds, 3),
+            "per_order": ",".join(f"{n}:{c}" for n, c in stats.per_order.items()),
+        },
+    )
+    client.set(_dkey(domain, "active"), version)
+    return stats
+
+
+def list_domains(client) -> list[str]:
+    """Names of all domains with at least one version (complete or not)."""
+    return sorted(_text(d) for d in client.smembers(f"{PREFIX}:domains"))
+
+
+def versions(client, domain: str) -> dict[int, dict[str, str]]:
+    """Every version of a domain with its meta (the tokenizer text left out), oldest first."""
+    check_domain(domain)
+    last = int(client.get(_dkey(domain, "next")) or 0)
+    pipe = client.pipeline(transaction=False)
+    for v in range(1, last + 1):
+        pipe.hgetall(_vkey(domain, v, "meta"))
+    out: dict[int, dict[str, str]] = {}
+    for v, meta in zip(range(1, last + 1), pipe.execute() if last else []):
+        if meta:
+            out[v] = {_text(k): _text(val) for k, val in meta.items() if _text(k) != "tokenizer"}
+    return out
+
+
+def active_version(client, domain: str) -> int | None:
+    """The version readers get for ``domain``, or None when no build has completed."""
+    value = client.get(_dkey(check_domain(domain), "active"))
+    return int(value) if value is not None else None
+
+
+def _delete_matching(client, pattern: str) -> int:
+    """Delete keys matching ``pattern`` with SCAN + pipelined single-key UNLINKs (cluster-safe)."""
+    deleted = 0
+    pipe = client.pipeline(transaction=False)
+    for key in client.scan_iter(match=pattern, count=1000):
+        pipe.unlink(key)
+        if len(pipe) >= 1000:
+            deleted += sum(pipe.execute())
+    if len(pipe):
+        deleted += sum(pipe.execute())
+    return deleted
+
+
+def drop_table(client, domain: str, version: int | None = None, *, keep_active: bool = False) -> list[int]:
+    """Remove one version, every version but the active one (``keep_active``), or the whole domain.
+
+    Dropping the active version on its own is refused: readers would lose their table.
+    Returns the versions removed.
+    """
+    known = versions(client, domain)
+    active = active_version(client, domain)
+    if not known:
+        raise TableNotFound(f"no table for domain {domain!r}; known: {', '.join(list_domains(client)) or 'none'}")
+    if version is not None:
+        if version not in known:
+            raise TableNotFound(f"domain {domain!r} has no version {version}; versions: {sorted(known)}")
+        if version == active:
+            raise ValueError(f"version {version} is the active one of {domain!r}: drop the whole domain instead")
+        targets = [version]
+    elif keep_active:
+        targets = [v for v in known if v != active]
+    else:
+        targets = list(known)
+    for v in targets:
+        _delete_matching(client, _vkey(domain, v, "*"))
+    if version is None and not keep_active:
+        client.delete(_dkey(domain, "active"))
+        client.delete(_dkey(domain, "next"))
+        client.srem(f"{PREFIX}:domains", domain)
+    return targets
+
+
+class SemanticTable:
+    """Read side of one domain's table (the active version unless one is named): GetNeighbours."""
+
+    def __init__(self, client, domain: str, version: int | None = None):
+        check_domain(domain)
+        self.client = client
+        self.domain = domain
+        self.version = version if version is not None else active_version(client, domain)
+        if self.version is None:
+            known = ", ".join(list_domains(client)) or "none"
+            raise TableNotFound(f"no complete table for domain {domain!r}; known domains: {known}")
+        meta = {_text(k): _text(v) for k, v in client.hgetall(_vkey(domain, self.version, "meta")).items()}
+        if meta.get("status") != "complete":
+            raise TableNotFound(f"version {self.version} of {domain!r} is {meta.get('status', 'missing')}, not complete")
+        self.meta = meta
+        self.max_order = int(meta["max_order"])
+        self.alpha = float(meta["alpha"])
+        self.vocab_size = int(meta["vocab_size"])
+        self._unigram: Neighbours | None = None
+
+    def info(self) -> dict[str, str]:
+        """The version's meta hash, without the embedded tokenizer text."""
+        return {k: v for k, v in self.meta.items() if k != "tokenizer"} | {"domain": self.domain, "version": str(self.version)}
+
+    def tokenizer(self):
+        """The tokenizer the table was built with (stored in the meta hash)."""
+        from overlay.tokenizer import tokenizer_from_json
+
+        if not self.meta.get("tokenizer"):
+            raise TableNotFound(f"table {self.domain!r} v{self.version} was built without a tokenizer")
+        return tokenizer_from_json(self.meta["tokenizer"])
+
+    def _weight(self, count: float, total: float) -> float:
+        return math.log((count + self.alpha) / (total + self.alpha * self.vocab_size))
+
+    def unigrams(self, k: int) -> Neighbours:
+        """Top-k unigrams (cached client-side: they never change within a version)."""
+        if self._unigram is None or (len(self._unigram) < k and len(self._unigram) == UNIGRAM_CACHE):
+            rows = self.client.zrevrange(_vkey(self.domain, self.version, "o0"), 0, max(k, UNIGRAM_CACHE) - 1, withscores=True)
+            total = int(self.meta["tokens"])
+            ids = [int(m) for m, _ in rows]
+            counts = [int(c) for _, c in rows]
+            self._unigram = Neighbours(ids, [self._weight(c, total) for c in counts], counts, [0] * len(ids), 0)
+        u = self._unigram
+        return Neighbours(u.ids[:k], u.weights[:k], u.counts[:k], u.orders[:k], 0)
+
+    def _check_ids(self, context: Sequence[int]) -> list[int]:
+        ctx = [int(t) for t in context][-self.max_order :]
+        for i, t in enumerate(ctx):
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} (context position {i}) is outside the vocabulary of size {self.vocab_size}")
+        return ctx
+
+    def _queue(self, pipe, ctx: list[int], k: int) -> int:
+        for n in range(len(ctx), 0, -1):
+            pipe.zrevrange(context_key(self.domain, self.version, ctx[-n:]), 0, k, withscores=True)
+        return len(ctx)
+
+    def _merge(self, ctx_len: int, rows_per_order: list, k: int, min_candidates: int) -> Neighbours:
+        """Backoff: the longest order with ≥ min_candidates continuations leads; lower orders fill up to k."""
+        ids: list[int] = []
+        weights: list[float] = []
+        counts: list[int] = []
+        orders: list[int] = []
+        used = 0
+        seen: set[int] = set()
+        for n, rows in zip(range(ctx_len, 0, -1), rows_per_order):
+            total = next((c for m, c in rows if m in (b"t", "t")), 0)
+            entries = [(int(m), int(c)) for m, c in rows if m not in (b"t", "t")]
+            if not used:
+                if len(entries) < min_candidates:
+                    continue
+                used = n
+            penalty = BACKOFF * (used - n)
+            for tok, c in entries:
+                if tok not in seen and len(ids) < k:
+                    seen.add(tok)
+                    ids.append(tok)
+                    weights.append(self._weight(c, total) + penalty)
+                    counts.append(c)
+                    orders.append(n)
+        if len(ids) < k:
+            uni = self.unigrams(k + len(ids))
+            penalty = BACKOFF * used
+            for tok, w, c in zip(uni.ids, uni.weights, uni.counts):
+                if tok not in seen and len(ids) < k:
+                    seen.add(tok)
+                    ids.append(tok)
+                    weights.append(w + penalty)
+                    counts.append(c)
+                    orders.append(0)
+        return Neighbours(ids, weights, counts, orders, used)
+
+    def neighbours(self, context_ids: Sequence[int], k: int = 32, min_candidates: int = 1) -> Neighbours:
+        """GetNeighbours: up to k candidates for the next token after ``context_ids``, in one round trip.
+
+        Uses the last ``max_order`` ids; never empty (the unigram list is the last resort). An empty
+        context gets the unigram top-k with order 0.
+        """
+        return self.neighbours_batch([context_ids], k, min_candidates)[0]
+
+    def neighbours_batch(self, contexts: Sequence[Sequence[int]], k: int = 32, min_candidates: int = 1) -> list[Neighbours]:
+        """GetNeighbours for many contexts in one pipeline (one round trip per server involved)."""
+        if k < 1:
+            raise ValueError(f"k must be ≥ 1, got {k}")
+        ctxs = [self._check_ids(c) for c in contexts]
+        pipe = self.client.pipeline(transaction=False)
+        for ctx in ctxs:
+            self._queue(pipe, ctx, k)
+        rows = pipe.execute() if len(pipe) else []
+        out: list[Neighbours] = []
+        pos = 0
+        for ctx in ctxs:
+            out.append(self._merge(len(ctx), rows[pos : pos + len(ctx)], k, min_candidates))
+            pos += len(ctx)
+        return out
+
+
+def candidate_recall(
+    table: SemanticTable,
+    sequences: Iterable[Sequence[int]],
+    ks: Sequence[int] = (8, 32, 128),
+    *,
+    skip: Callable[[int, Sequence[int]], bool] | None = None,
+    batch: int = 512,
+) -> dict[int, float]:
+    """Fraction of positions whose true next token is among GetNeighbours' first k candidates, per k.
+
+    ``skip(i, seq)`` leaves positions out (e.g. tool results the router injects rather than the model).
+    """
+    kmax = max(ks)
+    hits = Counter()
+    n = 0
+    contexts: list[list[int]] = []
+    targets: list[int] = []
+
+    def flush() -> None:
+        nonlocal n
+        for nb, target in zip(table.neighbours_batch(contexts, kmax), targets):
+            n += 1
+            if target in nb.ids:
+                rank = nb.ids.index(target)
+                for k in ks:
+                    hits[k] += rank < k
+        contexts.clear()
+        targets.clear()
+
+    for seq in sequences:
+        seq = list(seq)
+        for i in range(1, len(seq)):
+            if skip and skip(i, seq):
+                continue
+            contexts.append(seq[max(0, i - table.max_order) : i])
+            targets.append(seq[i])
+            if len(contexts) >= batch:
+                flush()
+    if contexts:
+        flush()
+    return {k: (hits[k] / n if n else 0.0) for k in ks}

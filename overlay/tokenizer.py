@@ -1,0 +1,110 @@
+"""Train, save, load and fingerprint the local BPE tokenizer whose chain tags are atomic special tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from overlay.chains import ANSWER, BOS, CHECK, EOS, PAD, RESULT, SPECIAL_TOKENS, THOUGHT, UNK, ACTION, Q
+
+META = "\u2581"  # "▁": stands for a space inside tokens (SentencePiece convention); decoded back to " "
+# Math symbols that are not Unicode punctuation (×, ÷, −); ASCII operators are covered by Punctuation().
+_MATH = Regex("[\u00d7\u00f7\u2212]")
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Spaces → ▁ word starts; punctuation and operators (+-*/=()$%.,) isolated; numbers split digit by digit."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=META, prepend_scheme="never", split=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Split(_MATH, behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+
+
+def _wrap(tk: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap a raw tokenizers.Tokenizer as a transformers tokenizer with pad/unk/bos/eos and tags set."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+        additional_special_tokens=[Q, THOUGHT, ACTION, RESULT, CHECK, ANSWER],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a BPE tokenizer on chain texts; specials get ids 0..9 in SPECIAL_TOKENS order."""
+    tk = Tokenizer(models.BPE(unk_token=UNK))
+    tk.pre_tokenizer = _pre_tokenizer()
+    tk.decoder = decoders.Metaspace(replacement=META, prepend_scheme="never", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tk.train_from_iterator((t for t in texts if isinstance(t, str)), trainer=trainer)
+    for i, s in enumerate(SPECIAL_TOKENS):
+        if tk.token_to_id(s) != i:
+            raise RuntimeError(f"special token {s} got id {tk.token_to_id(s)}, expected {i}")
+    return _wrap(tk)
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, folder: str | Path) -> Path:
+    """Write tokenizer.json (+ save_pretrained files) into folder atomically, file by file; returns folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-tmp-", dir=folder))
+    try:
+        tok.save_pretrained(str(tmp))
+        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        # tokenizer.json goes last so its presence means the other files are already in place.
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        names.sort(key=lambda n: n == "tokenizer.json")
+        for name in names:
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load from a folder (save_tokenizer / save_pretrained output) or a tokenizer.json file."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        where = f"folder {p} has no tokenizer.json" if p.is_dir() else f"no such file: {p}"
+        raise FileNotFoundError(f"cannot load tokenizer: {where}")
+    return _wrap(Tokenizer.from_file(str(file)))
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """Rebuild a tokenizer from its tokenizer.json text (tables keep theirs in the Redis meta hash)."""
+    return _wrap(Tokenizer.from_str(text))
+
+
+def tokenizer_hash(tok: PreTrainedTokenizerFast | Tokenizer) -> str:
+    """First 16 hex chars of sha256 over the canonical tokenizer.json, to check tables/datasets/models match."""
+    backend = tok if isinstance(tok, Tokenizer) else tok.backend_tokenizer
+    data = json.loads(backend.to_str())
+    data["truncation"] = data["padding"] = None  # runtime settings, not part of the vocabulary contract
+    canon = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def encode(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """Token ids of text without BOS/EOS; unknown characters become <UNK> (id 1)."""
+    if not text:
+        return []
+    return tok.backend_tokenizer.encode(str(text), add_special_tokens=False).ids
+
+
+def decode(tok: PreTrainedTokenizerFast, ids: Sequence[int]) -> str:
+    """Text of ids with special tokens kept visible; out-of-range ids decode as <UNK>."""
+    n = tok.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    unk = SPECIAL_TOKENS.index(UNK)
+    clean = [int(i) if 0 <= int(i) < n else unk for i in ids]
+    return tok.backend_tokenizer.decode(clean, skip_special_tokens=False)

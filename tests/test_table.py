@@ -1,0 +1,140 @@
+"""Semantic-weight table against real Redis: counts, weights, backoff, versions, interruption, cluster."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from overlay import table as tbl
+
+SEQS = [[1, 2, 3, 1, 2, 4], [1, 2, 3]]
+V = 10
+ALPHA = 0.1
+
+
+def w(count: float, total: float) -> float:
+    return math.log((count + ALPHA) / (total + ALPHA * V))
+
+
+def build(client, domain="tiny", seqs=SEQS, **kw):
+    return tbl.build_table(client, domain, seqs, vocab_size=V, max_order=2, alpha=ALPHA, **kw)
+
+
+def test_counts_match_hand_computed(redis_client):
+    stats = build(redis_client)
+    assert (stats.tokens, stats.sequences, stats.version) == (9, 2, 1)
+    assert stats.per_order == {1: 3, 2: 3}
+    key = tbl.context_key("tiny", 1, [1, 2])
+    assert {int(m): c for m, c in redis_client.zrange(key, 0, -1, withscores=True) if m != b"t"} == {3: 2, 4: 1}
+    assert redis_client.zscore(key, "t") == 3
+
+
+def test_neighbours_weights_and_backoff_fill(redis_client):
+    build(redis_client)
+    nb = tbl.SemanticTable(redis_client, "tiny").neighbours([7, 1, 2], k=3)
+    assert nb.order == 2
+    assert nb.ids == [3, 4, 2]
+    assert nb.orders == [2, 2, 0]
+    assert nb.counts == [2, 1, 3]
+    expected = [w(2, 3), w(1, 3), w(3, 9) + 2 * math.log(0.4)]
+    assert nb.weights == pytest.approx(expected)
+
+
+def test_backoff_picks_longest_order_with_enough_candidates(redis_client):
+    build(redis_client)
+    table = tbl.SemanticTable(redis_client, "tiny")
+    assert table.neighbours([3, 1], k=1).order == 2
+    nb = table.neighbours([1, 2], k=4, min_candidates=2)
+    assert nb.order == 2 and nb.ids[:2] == [3, 4]
+    nb = table.neighbours([3, 1], k=2, min_candidates=2)
+    assert nb.order == 0 and set(nb.ids) == {1, 2}
+
+
+def test_never_empty_and_empty_context(redis_client):
+    build(redis_client)
+    table = tbl.SemanticTable(redis_client, "tiny")
+    for ctx in ([4], [], [0, 0, 0]):
+        nb = table.neighbours(ctx, k=2)
+        assert nb.order == 0 and len(nb) == 2 and set(nb.ids) == {1, 2}
+
+
+def test_batch_equals_single(redis_client):
+    build(redis_client)
+    table = tbl.SemanticTable(redis_client, "tiny")
+    contexts = [[1], [1, 2], [2, 3], [4], [], [3, 1]]
+    assert table.neighbours_batch(contexts, 4) == [table.neighbours(c, 4) for c in contexts]
+
+
+def test_bad_inputs(redis_client):
+    build(redis_client)
+    table = tbl.SemanticTable(redis_client, "tiny")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        table.neighbours([1, 99])
+    with pytest.raises(ValueError, match="k must be"):
+        table.neighbours([1], k=0)
+    with pytest.raises(tbl.TableNotFound, match="known domains: tiny"):
+        tbl.SemanticTable(redis_client, "nope")
+    with pytest.raises(ValueError, match="invalid domain"):
+        tbl.SemanticTable(redis_client, "a b{c}")
+    with pytest.raises(ValueError, match="empty"):
+        build(redis_client, seqs=[])
+
+
+def test_versions_list_and_drop(redis_client):
+    build(redis_client)
+    build(redis_client, seqs=[[5, 6, 5, 6]])
+    assert tbl.active_version(redis_client, "tiny") == 2
+    assert sorted(tbl.versions(redis_client, "tiny")) == [1, 2]
+    assert tbl.SemanticTable(redis_client, "tiny", version=1).neighbours([1], 1).ids == [2]
+    with pytest.raises(ValueError, match="active"):
+        tbl.drop_table(redis_client, "tiny", version=2)
+    assert tbl.drop_table(redis_client, "tiny", keep_active=True) == [1]
+    assert not list(redis_client.scan_iter(match="ovl:tiny:v1:*"))
+    assert tbl.drop_table(redis_client, "tiny") == [2]
+    assert tbl.list_domains(redis_client) == []
+    assert not list(redis_client.scan_iter(match="ovl:tiny:*"))
+
+
+def test_interrupted_build_keeps_previous_version(redis_client):
+    build(redis_client)
+    before = tbl.SemanticTable(redis_client, "tiny").neighbours([1, 2], 3)
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(redis_client, seqs=[[5, 6, 7, 8, 9, 5, 6]], batch=2, on_flush=stop)
+    assert tbl.active_version(redis_client, "tiny") == 1
+    assert tbl.versions(redis_client, "tiny")[2]["status"] == "building"
+    assert tbl.SemanticTable(redis_client, "tiny").neighbours([1, 2], 3) == before
+    with pytest.raises(tbl.TableNotFound, match="building"):
+        tbl.SemanticTable(redis_client, "tiny", version=2)
+    assert tbl.drop_table(redis_client, "tiny", keep_active=True) == [2]
+    assert not list(redis_client.scan_iter(match="ovl:tiny:v2:*"))
+
+
+def test_candidate_recall(redis_client):
+    build(redis_client)
+    table = tbl.SemanticTable(redis_client, "tiny")
+    recall = tbl.candidate_recall(table, SEQS, ks=(1, 4))
+    assert recall[4] == 1.0
+    assert 0 < recall[1] < 1
+
+
+def test_cluster_spreads_keys_and_matches_single_server(redis_cluster, redis_client):
+    import redis
+
+    cluster, ports = redis_cluster
+    seqs = [[(i * 7 + j * 3) % V for j in range(30)] for i in range(20)]
+    tbl.build_table(cluster, "spread", seqs, vocab_size=V, max_order=3, alpha=ALPHA)
+    tbl.build_table(redis_client, "spread", seqs, vocab_size=V, max_order=3, alpha=ALPHA)
+    per_node = [redis.Redis(port=p).dbsize() for p in ports]
+    assert all(n > 0 for n in per_node), per_node
+    contexts = [s[i - 3 : i] for s in seqs[:5] for i in range(3, 30, 4)]
+    on_cluster = tbl.SemanticTable(cluster, "spread").neighbours_batch(contexts, 5)
+    assert on_cluster == tbl.SemanticTable(redis_client, "spread").neighbours_batch(contexts, 5)
+    keys = [tbl.context_key("spread", 1, contexts[0][-n:]) for n in (1, 2, 3)]
+    assert len({cluster.keyslot(k) for k in keys}) == 1
+    assert tbl.drop_table(cluster, "spread") == [1]
+    assert sum(redis.Redis(port=p).dbsize() for p in ports) == 0
