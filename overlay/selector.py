@@ -1,0 +1,428 @@
+"""The IT-LM selector: a small causal transformer over the last k tokens that scores only K table candidates.
+
+Scoring gathers the candidates' rows of the (tied) output embedding and dots them with the last hidden
+state, so a decode step costs one forward over k tokens plus K dot products: independent of chain length
+and of vocabulary size. Full-vocabulary logits exist only for training (optional extra loss term) and for
+the evaluation baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from overlay.tokenizer import load_tokenizer
+
+PAD_ID = 0
+IGNORE_INDEX = -100
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, TOKENIZER_FILE = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map "auto" / "cpu" / "cuda[:n]" to a torch.device; asking for CUDA without it is an error, not a fallback."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"CUDA was requested but torch.cuda.is_available() is False (device {name!r}); "
+            "use device='cpu' or 'auto', or install a CUDA build of torch on a machine with a GPU")
+    return device
+
+
+class SelectorConfig(PretrainedConfig):
+    """Shape of the selector: vocabulary, window length k, depth, heads, width; PAD (id 0) is masked out."""
+
+    model_type = "overlay-selector"
+
+    vocab_size: int = 2000
+    window: int = 8
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = PAD_ID
+    tokenizer_hash: str = ""
+
+
+@dataclass
+class SelectorOutput(ModelOutput):
+    """Candidate scores [B,K], optional loss, per-layer hidden states / attention maps, full-vocab logits."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    full_logits: torch.Tensor | None = None
+
+
+def key_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Boolean [B,T] mask of real tokens: the given attention_mask, else every id that is not PAD."""
+    return attention_mask.bool() if attention_mask is not None else input_ids != pad_id
+
+
+def candidate_head(
+    last: torch.Tensor,
+    weight: torch.Tensor,
+    candidate_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    full_vocab_weight: float,
+    bias: torch.Tensor | None = None,
+    pad_id: int = PAD_ID,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Score candidates by gathering output-embedding rows; PAD candidates get -inf-like scores (never chosen).
+
+    Returns (loss, candidate logits, full logits). The loss is cross-entropy over the candidate set against
+    ``labels`` (indices into candidates), plus ``full_vocab_weight`` × full-vocabulary cross-entropy against
+    the target tokens ``candidates[label]``, computed only when that weight is positive.
+    """
+    if candidate_ids is None:
+        if labels is not None:
+            raise ValueError("labels index into candidate_ids, so candidate_ids must be given with labels")
+        return None, None, None
+    if candidate_ids.dim() != 2 or candidate_ids.shape[0] != last.shape[0]:
+        raise ValueError(f"candidate_ids must be [B,K] with B={last.shape[0]}, got {tuple(candidate_ids.shape)}")
+    rows = weight[candidate_ids]
+    logits = torch.einsum("bd,bkd->bk", last, rows.to(last.dtype))
+    if bias is not None:
+        logits = logits + bias[candidate_ids].to(logits.dtype)
+    logits = logits.masked_fill(candidate_ids == pad_id, torch.finfo(logits.dtype).min)
+    if labels is None:
+        return None, logits, None
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    full = None
+    if full_vocab_weight > 0:
+        full = last @ weight.to(last.dtype).T
+        if bias is not None:
+            full = full + bias.to(full.dtype)
+        target = candidate_ids.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        target = target.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+        loss = loss + full_vocab_weight * F.cross_entropy(full.float(), target, ignore_index=IGNORE_INDEX)
+    return loss, logits, full
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention written out, so attention probabilities can be returned."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_proj = True
+        self.attn_drop = nn.Dropout(config.dropout)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend where ``allowed`` [B,1,T,T] is True; returns (output, probabilities [B,h,T,T])."""
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        y = (self.attn_drop(att) @ v).transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_drop(self.c_proj(y)), att
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward layer (4× width, GELU)."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_proj = True
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand, GELU, project back."""
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (nanoGPT shape)."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual attention then residual MLP; returns (x, attention probabilities)."""
+        a, att = self.attn(self.ln_1(x), allowed)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), att
+
+
+class SelectorModel(PreTrainedModel):
+    """Causal transformer over a k-token window that scores K candidate next tokens."""
+
+    config_class = SelectorConfig
+    base_model_prefix = "selector"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.window, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        if not config.tie_word_embeddings:
+            self.out_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 scheme)."""
+        super()._init_weights(module)
+        if getattr(module, "residual_proj", False):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (also the output embedding when tied)."""
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding."""
+        self.wte = value
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[V,d] rows that candidates are scored against: the input embedding when tied."""
+        return self.wte.weight if self.config.tie_word_embeddings else self.out_emb.weight
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Run the blocks; returns (last position's final hidden [B,d], hidden states, attention maps).
+
+        Windows are right-aligned to positions k-T..k-1, so the last token always sits at position k-1.
+        ``hidden_states`` has n_layer+1 entries [B,T,d] (embeddings, then the residual stream after each block);
+        PAD positions never influence real ones (each PAD query attends only to itself, so nothing is NaN).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B,k], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        k = self.config.window
+        if not 1 <= t <= k:
+            raise ValueError(f"window length {t} must be between 1 and the model's window k={k}")
+        real = key_mask(input_ids, attention_mask, self.config.pad_token_id)
+        eye = torch.eye(t, dtype=torch.bool, device=input_ids.device)
+        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=input_ids.device))
+        allowed = (causal & real[:, None, :]) | eye
+        allowed = allowed[:, None, :, :]
+        pos = torch.arange(k - t, k, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        hiddens, atts = [x], []
+        for block in self.h:
+            x, att = block(x, allowed)
+            hiddens.append(x)
+            atts.append(att)
+        last = self.ln_f(x[:, -1])
+        return (last, tuple(hiddens) if output_hidden_states else None,
+                tuple(atts) if output_attentions else None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        candidate_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        full_vocab_weight: float = 0.0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        **_: object,
+    ) -> SelectorOutput:
+        """Candidate scores [B,K] (+ loss when labels are given); see ``candidate_head`` for the loss."""
+        last, hiddens, atts = self.encode(input_ids, attention_mask, output_hidden_states, output_attentions)
+        loss, logits, full = candidate_head(last, self.output_weight, candidate_ids, labels, full_vocab_weight,
+                                            pad_id=self.config.pad_token_id)
+        return SelectorOutput(loss=loss, logits=logits, hidden_states=hiddens, attentions=atts, full_logits=full)
+
+    def score(self, input_ids: torch.Tensor, candidate_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode-path scores [B,K] for the given candidates, without autograd."""
+        with torch.inference_mode():
+            return self(input_ids, candidate_ids, attention_mask=attention_mask).logits
+
+    def full_vocab_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits over the whole vocabulary [B,V]: for the evaluation baseline only."""
+        with torch.inference_mode():
+            last, _, _ = self.encode(input_ids, attention_mask)
+            return last @ self.output_weight.T
+
+
+class HFCausalSelector(nn.Module):
+    """A user's local Hugging Face causal LM used as the selector, scoring candidates the same way."""
+
+    def __init__(self, model: str | Path | PreTrainedModel, pad_token_id: int = PAD_ID) -> None:
+        super().__init__()
+        if isinstance(model, (str, Path)):
+            model = AutoModelForCausalLM.from_pretrained(str(model), local_files_only=True,
+                                                         attn_implementation="eager")
+        if model.get_output_embeddings() is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings to score candidates against")
+        self.model = model
+        self.config = model.config
+        self.pad_token_id = pad_token_id
+
+    def _base(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              output_hidden_states: bool = False, output_attentions: bool = False) -> ModelOutput:
+        """Run the LM's base model (no LM head, so no full-vocabulary logits) with left padding masked."""
+        mask = key_mask(input_ids, attention_mask, self.pad_token_id).long()
+        return self.model.base_model(input_ids=input_ids, attention_mask=mask,
+                                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                                     output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        candidate_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        full_vocab_weight: float = 0.0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        **_: object,
+    ) -> SelectorOutput:
+        """Same contract as SelectorModel.forward; left padding is masked and positions start at the first real token."""
+        out = self._base(input_ids, attention_mask, output_hidden_states, output_attentions)
+        last = out.last_hidden_state[:, -1]
+        head = self.model.get_output_embeddings()
+        loss, logits, full = candidate_head(last, head.weight, candidate_ids, labels, full_vocab_weight,
+                                            bias=getattr(head, "bias", None), pad_id=self.pad_token_id)
+        return SelectorOutput(loss=loss, logits=logits,
+                              hidden_states=out.hidden_states if output_hidden_states else None,
+                              attentions=out.attentions if output_attentions else None, full_logits=full)
+
+    def score(self, input_ids: torch.Tensor, candidate_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode-path scores [B,K] for the given candidates, without autograd."""
+        with torch.inference_mode():
+            return self(input_ids, candidate_ids, attention_mask=attention_mask).logits
+
+    def full_vocab_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits over the whole vocabulary [B,V]: for the evaluation baseline only."""
+        with torch.inference_mode():
+            last = self._base(input_ids, attention_mask).last_hidden_state[:, -1]
+            head = self.model.get_output_embeddings()
+            full = last @ head.weight.T
+            return full if getattr(head, "bias", None) is None else full + head.bias
+
+    def save_pretrained(self, folder: str | Path, **kwargs: object) -> None:
+        """Save the wrapped causal LM the Hugging Face way (config.json + safetensors)."""
+        self.model.save_pretrained(str(folder), **kwargs)
+
+
+Selector = SelectorModel | HFCausalSelector
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    """Swap a completed ``tmp`` folder in for ``folder``; the previous folder survives until the swap is done."""
+    if folder.exists():
+        old = folder.with_name(f"{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
+def save_selector(model: Selector, tokenizer: PreTrainedTokenizerFast | str | Path, folder: str | Path) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json (an object, or a path to copy) atomically.
+
+    Entries of an existing folder that the new save does not write (adapters/, checkpoint/, train_result.json)
+    are carried over, so saving a model never loses its adapters or checkpoints.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(str(tmp))
+        if isinstance(tokenizer, (str, Path)):
+            src = Path(tokenizer)
+            shutil.copy2(src / TOKENIZER_FILE if src.is_dir() else src, tmp / TOKENIZER_FILE)
+        else:
+            tokenizer.save_pretrained(str(tmp))
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if not (tmp / entry.name).exists():
+                    os.replace(entry, tmp / entry.name)
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def check_model_folder(folder: str | Path, tokenizer: bool = True) -> Path:
+    """Raise FileNotFoundError naming the folder and each missing file (config, weights, tokenizer if asked)."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} is a LoRA adapter folder, not a model: load it with "
+                                "overlay.train.load_adapters(<model folder>, [<adapter name>])")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    wanted = (CONFIG_FILE, TOKENIZER_FILE) if tokenizer else (CONFIG_FILE,)
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if not ((folder / WEIGHTS_FILE).is_file() or (folder / WEIGHTS_INDEX).is_file()):
+        missing.insert(1, WEIGHTS_FILE)
+    if missing:
+        raise FileNotFoundError(f"selector folder {folder} is missing {', '.join(missing)}")
+    return folder
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Selector:
+    """Load the weights of a model folder: a SelectorModel, or any local causal LM wrapped as HFCausalSelector."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"model folder {folder} is missing {CONFIG_FILE}")
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if isinstance(config, SelectorConfig):
+        model: Selector = SelectorModel.from_pretrained(str(folder), local_files_only=True)
+    else:
+        model = HFCausalSelector(folder)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(dev).eval()
+
+
+def load_selector(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Selector, PreTrainedTokenizerFast]:
+    """Check the folder holds config.json, model.safetensors and tokenizer.json, then load (model, tokenizer)."""
+    folder = check_model_folder(folder)
+    return load_model(folder, device), load_tokenizer(folder)
+
+
+AutoConfig.register(SelectorConfig.model_type, SelectorConfig, exist_ok=True)
+AutoModel.register(SelectorConfig, SelectorModel, exist_ok=True)
