@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -13,10 +17,14 @@ from rich.table import Table
 
 from overlay import store
 from overlay import table as tbl
+from overlay.dataset import DatasetConfig
+from overlay.train import TrainConfig
 
 app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True)
 table_app = typer.Typer(help="Build, inspect and drop semantic-weight tables.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Build token-level training datasets (Parquet shards).", no_args_is_help=True)
 app.add_typer(table_app, name="table")
+app.add_typer(dataset_app, name="dataset")
 console = Console()
 
 REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
@@ -43,6 +51,26 @@ def open_table(client, domain: str, version: Optional[int] = None) -> tbl.Semant
         return tbl.SemanticTable(client, domain, version)
     except (tbl.TableNotFound, ValueError) as exc:
         fail(str(exc))
+
+
+def dataclass_command(target: typer.Typer, name: str, cls: type, run: Callable[..., None],
+                      extra: dict[str, tuple[Any, Any]] | None = None) -> None:
+    """Register a command whose options are the fields of a dataclass config (TRL style), plus ``extra``."""
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for name, (annotation, default) in (extra or {}).items()
+    ]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        option = typer.Option(f.default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=option))
+
+    def command(**kwargs: Any) -> None:
+        run(**kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = run.__doc__
+    target.command(name)(command)
 
 
 def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int = 3, vocab_size: int = 2000,
@@ -192,6 +220,94 @@ def table_recall(
     for k, r in recall.items():
         console.print(f"recall@{k}: {r:.4f}")
     console.print(f"({len(report.chains)} chains in {time.perf_counter() - start:.1f} s)")
+
+
+def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional[int], redis_url: Optional[str],
+                   **config: Any) -> None:
+    """Cut chains into token-level windows with the table's candidates, written as Parquet shards."""
+    from overlay.chains import load_chains
+    from overlay.dataset import DatasetConfig, build_dataset
+
+    try:
+        cfg = DatasetConfig(**config)
+        report = load_chains(data, fmt, limit=limit)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    table = open_table(client_or_fail(redis_url), domain)
+    start = time.perf_counter()
+    try:
+        manifest = build_dataset(table, table.tokenizer(), report.chains, out, cfg)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"[green]dataset[/] {out}: {manifest.rows} rows in {len(manifest.shards)} shard(s), "
+                  f"table recall in rows {manifest.present_rate:.3f}, {time.perf_counter() - start:.1f} s")
+
+
+def _train(**kwargs: Any) -> None:
+    """Train the IT-LM selector (or a LoRA adapter with --lora --domain NAME) on a dataset folder."""
+    from overlay.train import config_from_kwargs, train
+
+    try:
+        result = train(config_from_kwargs(**kwargs))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    console.print(
+        f"[green]trained[/] {result.out}{' adapter ' + result.adapter if result.adapter else ''}: step {result.step}, "
+        f"eval accuracy {result.eval_accuracy}, {result.tokens_per_s:.0f} tokens/s, {result.seconds:.1f} s, "
+        f"{result.params} params ({result.trainable_params} trainable)"
+    )
+
+
+def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
+          generate: int, redis_url: Optional[str]) -> None:
+    """Evaluate next-token accuracy (table, full vocabulary, overlay) on held-out chains; optionally decode N."""
+    from overlay.chains import load_chains
+    from overlay.evaluate import evaluate, write_report
+    from overlay.selector import load_selector
+
+    try:
+        selector, tok = load_selector(model)
+        report = load_chains(data, fmt, limit=limit)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    table = open_table(client_or_fail(redis_url), domain)
+    try:
+        results = evaluate(table, selector, tok, report.chains, K=k_candidates)
+    except ValueError as exc:
+        fail(str(exc))
+    if generate:
+        from overlay.decode import verification_success
+
+        results["generation"] = verification_success(table, selector, tok, report.chains[:generate])
+    paths = write_report(results, out)
+    console.print((out / "eval.md").read_text())
+    console.print(f"report: {', '.join(str(p) for p in paths)}")
+
+
+DATA_OPT = (Path, typer.Option(..., "--data", help="JSONL file of records."))
+FMT_OPT = (str, typer.Option("gsm8k", "--format", help="gsm8k or jsonl."))
+DOMAIN_OPT = (str, typer.Option(..., "--domain", help="Table domain."))
+LIMIT_OPT = (Optional[int], typer.Option(None, "--limit", help="Use only the first N records."))
+URL_OPT = (Optional[str], REDIS_OPT)
+dataclass_command(dataset_app, "build", DatasetConfig, _dataset_build,
+                  {"data": DATA_OPT, "fmt": FMT_OPT, "domain": DOMAIN_OPT,
+                   "out": (Path, typer.Option(..., "--out", help="Dataset folder to write.")),
+                   "limit": LIMIT_OPT, "redis_url": URL_OPT})
+dataclass_command(app, "train", TrainConfig, _train)
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Option(..., "--model", help="Selector model folder."),
+    data: Path = DATA_OPT[1], fmt: str = FMT_OPT[1], domain: str = DOMAIN_OPT[1],
+    out: Path = typer.Option(Path("eval-report"), "--out", help="Report folder (JSON, Markdown, PNG)."),
+    k_candidates: int = typer.Option(32, "--k", help="Candidates per token (K)."),
+    limit: Optional[int] = LIMIT_OPT[1],
+    generate: int = typer.Option(0, "--generate", help="Also decode the first N questions and report verification success."),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
+    _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url)
 
 
 @app.command()

@@ -1,0 +1,327 @@
+"""The overlay decode loop: GetNeighbours → selector over the K candidates → choose → accumulator → router.
+
+Per token the work is one table lookup (one round trip) and one selector forward over the last k tokens
+scored against K candidates; neither depends on how long the chain already is. Tool results are injected
+by the router (``<RESULT> …``), never chosen by the model. State (ids, router, accumulator) can be kept in
+Redis per session id, so a chain stopped by a token limit or a lost server continues in a later call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from overlay.accumulator import ScoreAccumulator, SessionStore, TraceStep
+from overlay.chains import BOS, EOS, PAD, Q, RESULT, SPECIAL_TOKENS, UNK, Chain
+from overlay.router import Router
+from overlay.table import SemanticTable
+from overlay.tokenizer import encode
+
+IDS = {tag: i for i, tag in enumerate(SPECIAL_TOKENS)}
+NEVER = frozenset(IDS[t] for t in (PAD, UNK, BOS, Q))
+TAG_IDS = frozenset(IDS.values())
+META = "\u2581"
+
+
+@dataclass
+class DecodeConfig:
+    """How one chain is decoded; every field has a default so nodes and the CLI can pass a subset."""
+
+    max_tokens: int = 256
+    k_candidates: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    mix: float = 0.0
+    min_mean_logprob: float | None = None
+    max_question_chars: int = 2000
+    session_ttl_s: int = 3600
+    save_every: int = 64
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot decode, naming the field."""
+        if self.max_tokens < 1 or self.k_candidates < 2:
+            raise ValueError(f"max_tokens must be ≥ 1 and k_candidates ≥ 2 (got {self.max_tokens}, {self.k_candidates})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be ≥ 0 and top_p in (0, 1] (got {self.temperature}, {self.top_p})")
+
+
+@dataclass
+class DecodeResult:
+    """A decoded chain: its text, the extracted answer, why it stopped, and the full trace."""
+
+    question: str
+    text: str
+    answer: str | None
+    stop_reason: str
+    steps: list[dict[str, str]]
+    verdicts: list[dict[str, str]]
+    tool_calls: list[dict[str, Any]]
+    errors: list[str]
+    trace: dict[str, Any]
+    tokens: int
+    seconds: float
+    session_id: str | None = None
+
+    @property
+    def well_formed(self) -> bool:
+        """True when the chain parses back into the chain format and reached its answer."""
+        try:
+            Chain.from_text(self.text)
+        except ValueError:
+            return False
+        return self.stop_reason in ("eos", "answer")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (the trace included)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"well_formed": self.well_formed}
+
+
+@dataclass
+class _State:
+    """One chain in flight: token ids, the question's length, router and accumulator."""
+
+    question: str
+    ids: list[int]
+    prompt_len: int
+    router: Router
+    acc: ScoreAccumulator = field(default_factory=ScoreAccumulator)
+    elapsed: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"question": self.question, "ids": self.ids, "prompt_len": self.prompt_len, "elapsed": self.elapsed,
+                "router": self.router.to_dict(), "accumulator": self.acc.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _State:
+        return cls(data["question"], list(data["ids"]), int(data["prompt_len"]), Router.from_dict(data["router"]),
+                   ScoreAccumulator.from_dict(data["accumulator"]), float(data.get("elapsed", 0.0)))
+
+
+class OverlayDecoder:
+    """Decode questions into chains over a table and a selector (or the table alone when model is None)."""
+
+    def __init__(self, table: SemanticTable, model: torch.nn.Module | None, tokenizer, config: DecodeConfig | None = None,
+                 sessions: SessionStore | None = None):
+        self.table = table
+        self.model = model.eval() if model is not None else None
+        self.tokenizer = tokenizer
+        self.config = config or DecodeConfig()
+        self.sessions = sessions
+        self.window = int(getattr(getattr(model, "config", None), "window", 8))
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.texts = [t.replace(META, " ") for t in vocab]
+
+    def _prompt(self, question: str) -> list[int]:
+        """Token ids of ``<Q> question``, after checking the question's size."""
+        question = " ".join((question or "").split())
+        if not question:
+            raise ValueError("the question is empty: give at least one word")
+        if len(question) > self.config.max_question_chars:
+            raise ValueError(f"the question has {len(question)} characters; the limit is {self.config.max_question_chars}")
+        return encode(self.tokenizer, f"{Q} {question} ")
+
+    def _new_state(self, question: str) -> _State:
+        ids = self._prompt(question)
+        return _State(" ".join(question.split()), ids, len(ids), Router(sep=""))
+
+    def _emit(self, state: _State, token: int, *, injected: bool, cands: list[int] | None = None, rank: int = 0,
+              score: float = 0.0, margin: float = 0.0, weight: float = 0.0, order: int = 0) -> None:
+        """Append one token to the chain, trace it, route it, and inject tool output when asked."""
+        state.ids.append(token)
+        text = self.texts[token]
+        is_tag = token in TAG_IDS
+        state.acc.add(TraceStep(len(state.ids) - state.prompt_len - 1, token, text.strip() or text,
+                                state.router.current_tag or "", cands or [], rank, score, margin, weight, order, injected))
+        event = state.router.feed(text, is_tag=is_tag)
+        if event is not None and event.inject_text:
+            out = encode(self.tokenizer, event.inject_text)
+            if out and out[0] == IDS[RESULT] and token == IDS[RESULT]:
+                out = out[1:]
+            for t in out:
+                self._emit(state, t, injected=True)
+
+    def _choose(self, logp: torch.Tensor, position: int) -> int:
+        """Greedy, or temperature/top-p sampling seeded by (seed, position) so resumed chains match."""
+        if self.config.temperature == 0:
+            return int(torch.argmax(logp))
+        probs = torch.softmax(logp / self.config.temperature, dim=-1)
+        order = torch.argsort(probs, descending=True)
+        cum = torch.cumsum(probs[order], 0)
+        keep = order[: int(torch.searchsorted(cum, torch.tensor(self.config.top_p))) + 1]
+        rng = random.Random(self.config.seed * 1_000_003 + position)
+        return int(rng.choices(keep.tolist(), weights=probs[keep].tolist())[0])
+
+    def _allowed(self, state: _State, cands: list[int]) -> list[bool]:
+        """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION."""
+        in_action = state.router.current_tag == "ACTION"
+        return [c not in NEVER and (c != IDS[RESULT] or in_action) for c in cands]
+
+    def _scores(self, states: list[_State], neighbours: list) -> list[torch.Tensor]:
+        """Log-probabilities over each chain's candidates: selector softmax (+ mix × table weight)."""
+        if self.model is None:
+            return [torch.tensor(nb.weights) for nb in neighbours]
+        k = self.window
+        windows = torch.zeros(len(states), k, dtype=torch.long)
+        for row, s in enumerate(states):
+            tail = s.ids[-k:]
+            windows[row, k - len(tail):] = torch.tensor(tail)
+        kmax = max(len(nb.ids) for nb in neighbours)
+        cands = torch.zeros(len(states), kmax, dtype=torch.long)
+        for row, nb in enumerate(neighbours):
+            cands[row, : len(nb.ids)] = torch.tensor(nb.ids)
+        with torch.inference_mode():
+            logits = self.model.score(windows.to(self.device), cands.to(self.device)).float().cpu()
+        out = []
+        for row, nb in enumerate(neighbours):
+            logp = torch.log_softmax(logits[row, : len(nb.ids)], -1)
+            if self.config.mix:
+                logp = logp + self.config.mix * torch.tensor(nb.weights)
+            out.append(logp)
+        return out
+
+    def _step(self, states: list[_State]) -> None:
+        """One token for every chain in ``states``: one pipelined lookup and one batched selector forward."""
+        neighbours = self.table.neighbours_batch([s.ids[-self.table.max_order:] for s in states], self.config.k_candidates)
+        for state, nb, logp in zip(states, neighbours, self._scores(states, neighbours)):
+            mask = torch.tensor(self._allowed(state, nb.ids))
+            masked = logp.masked_fill(~mask, -math.inf) if mask.any() else logp
+            choice = self._choose(masked, len(state.ids))
+            top2 = torch.topk(masked, min(2, len(nb.ids))).values
+            other = float(top2[1]) if len(top2) > 1 and int(torch.argmax(masked)) == choice else float(top2[0])
+            token = nb.ids[choice]
+            if token in TAG_IDS and token != IDS[RESULT] and state.router.current_tag == "ACTION":
+                self._emit(state, IDS[RESULT], injected=True)
+            self._emit(state, token, injected=False, cands=nb.ids, rank=choice, score=float(logp[choice]),
+                       margin=float(masked[choice]) - other, weight=nb.weights[choice], order=nb.order)
+            self._check_stop(state)
+
+    def _check_stop(self, state: _State) -> None:
+        """Stop at <EOS>, at the end of the ANSWER step, at the token limit, or by the accumulator's rule."""
+        acc, router = state.acc, state.router
+        if acc.stop_reason:
+            return
+        last = state.ids[-1]
+        if router.answer is not None and last in TAG_IDS and last != IDS[EOS] and len(router.steps) and router.steps[-1].tag == "ANSWER":
+            acc.stop_reason = "answer"
+            router.finish()
+            return
+        if acc.should_stop(self.config.max_tokens, self.config.min_mean_logprob) and not router.done:
+            router.finish()
+
+    def _result(self, state: _State, session_id: str | None) -> DecodeResult:
+        r = state.router
+        text = "".join(self.texts[t] for t in state.ids)
+        return DecodeResult(
+            question=state.question, text=" ".join(text.split()), answer=r.answer, stop_reason=state.acc.stop_reason or "running",
+            steps=[{"tag": s.tag, "text": s.text} for s in r.steps],
+            verdicts=[{"claim": v.claim, "verdict": v.verdict, "reason": v.reason} for v in r.verdicts],
+            tool_calls=[vars(c).copy() for c in r.tool_calls], errors=list(r.errors), trace=state.acc.to_dict(),
+            tokens=len(state.ids) - state.prompt_len, seconds=state.elapsed, session_id=session_id,
+        )
+
+    def _save(self, session_id: str | None, state: _State) -> None:
+        if session_id and self.sessions is not None:
+            self.sessions.save(session_id, state.to_dict(), ttl_s=self.config.session_ttl_s)
+
+    def generate(self, question: str = "", session_id: str | None = None, max_new_tokens: int | None = None) -> DecodeResult:
+        """Decode one chain. With a session id whose state exists, continue it (the question may be empty).
+
+        ``max_new_tokens`` bounds this call only (the chain's own limit is ``config.max_tokens``); the state is
+        saved every ``save_every`` tokens and at the end, so a later call picks up where this one stopped.
+        """
+        state = None
+        if session_id and self.sessions is not None:
+            saved = self.sessions.load(session_id)
+            if saved is not None:
+                state = _State.from_dict(saved)
+                if question and " ".join(question.split()) != state.question:
+                    raise ValueError(f"session {session_id!r} belongs to another question: {state.question[:60]!r}")
+        if state is None:
+            state = self._new_state(question)
+        start = time.perf_counter()
+        budget = max_new_tokens if max_new_tokens is not None else self.config.max_tokens
+        made = 0
+        while not state.acc.stop_reason and made < budget:
+            self._step([state])
+            made += 1
+            if session_id and made % self.config.save_every == 0:
+                state.elapsed += time.perf_counter() - start
+                start = time.perf_counter()
+                self._save(session_id, state)
+        state.elapsed += time.perf_counter() - start
+        self._save(session_id, state)
+        return self._result(state, session_id)
+
+    def generate_batch(self, questions: list[str]) -> list[DecodeResult]:
+        """Decode many questions at once: one pipelined lookup and one batched forward per token position."""
+        states = [self._new_state(q) for q in questions]
+        start = time.perf_counter()
+        active = list(states)
+        while active:
+            self._step(active)
+            active = [s for s in active if not s.acc.stop_reason]
+        elapsed = time.perf_counter() - start
+        for s in states:
+            s.elapsed = elapsed / len(states)
+        return [self._result(s, None) for s in states]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(domain: str, model_dir: str, redis_url: str | None, device: str, config: tuple) -> OverlayDecoder:
+    from overlay import store
+    from overlay.selector import load_selector
+    from overlay.tokenizer import tokenizer_hash
+
+    client = store.connect(redis_url)
+    table = SemanticTable(client, domain)
+    model, tokenizer = load_selector(model_dir, device=device)
+    if table.meta.get("tokenizer_hash") and table.meta["tokenizer_hash"] != tokenizer_hash(tokenizer):
+        raise ValueError(f"model {model_dir} was trained with another tokenizer than table {domain!r} v{table.version}")
+    return OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client))
+
+
+def load_decoder(domain: str, model_dir: str, redis_url: str | None = None, device: str = "cpu", **config: Any) -> OverlayDecoder:
+    """A decoder for a domain's active table and a selector folder, cached per arguments (nodes reuse it)."""
+    return _cached(domain, str(model_dir), redis_url, device, tuple(sorted(config.items())))
+
+
+def verification_success(table: SemanticTable, model: torch.nn.Module | None, tokenizer, chains: list[Chain],
+                         config: DecodeConfig | None = None) -> dict[str, Any]:
+    """Decode held-out questions with the overlay and with the table alone; report well-formed chains,
+    executed ACTIONs, passed CHECKs and exact-match answers for both, measured in the same run."""
+    out: dict[str, Any] = {"questions": len(chains)}
+    methods = {"overlay": model, "table_only": None} if model is not None else {"table_only": None}
+    for name, m in methods.items():
+        decoder = OverlayDecoder(table, m, tokenizer, config)
+        results = decoder.generate_batch([c.question for c in chains])
+        calls = [c for r in results for c in r.tool_calls]
+        verdicts = [v for r in results for v in r.verdicts]
+        out[name] = {
+            "well_formed": sum(r.well_formed for r in results) / max(1, len(results)),
+            "actions": len(calls),
+            "actions_executed": sum(c["ok"] for c in calls) / max(1, len(calls)),
+            "checks": len(verdicts),
+            "checks_passed": sum(v["verdict"] == "pass" for v in verdicts) / max(1, len(verdicts)),
+            "exact_match": sum(_same(r.answer, c.answer) for r, c in zip(results, chains)) / max(1, len(chains)),
+            "mean_tokens": sum(r.tokens for r in results) / max(1, len(results)),
+            "stop_reasons": {k: sum(r.stop_reason == k for r in results) for k in {r.stop_reason for r in results}},
+        }
+    return out
+
+
+def _same(got: str | None, want: str) -> bool:
+    """Numeric equality of two answers (tolerating '72' vs '72.0'); text equality otherwise."""
+    if got is None:
+        return False
+    try:
+        return math.isclose(float(got), float(want.replace(",", "")), rel_tol=1e-9)
+    except ValueError:
+        return got.strip() == want.strip()
