@@ -75,29 +75,21 @@ def dataclass_command(target: typer.Typer, name: str, cls: type, run: Callable[.
 
 def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int = 3, vocab_size: int = 2000,
                     tokenizer_path: Optional[Path] = None, limit: Optional[int] = None) -> tbl.BuildStats:
-    """Convert a dataset to chains, train (or load) the tokenizer, and build a new table version."""
-    from overlay.chains import ChainFormatError, load_chains
-    from overlay.tokenizer import encode, load_tokenizer, tokenizer_hash, train_tokenizer
+    """Build a new table version from a dataset file with a progress bar, printing what was written."""
+    from overlay.chains import ChainFormatError
+    from overlay.pipeline import build_table_from_file
 
-    try:
-        report = load_chains(data, fmt, limit=limit)
-    except (ChainFormatError, OSError) as exc:
-        fail(str(exc))
-    console.print(report.summary())
-    if not report.chains:
-        fail(f"{data}: no record could be converted to a chain")
-    texts = [c.to_text() for c in report.chains]
-    tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(texts, vocab_size=vocab_size)
     used_before = client.info("memory").get("used_memory", 0)
     with Progress(TextColumn("[bold]building table"), BarColumn(), TextColumn("{task.completed}/{task.total} keys"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("build", total=None)
-        stats = tbl.build_table(
-            client, domain, (encode(tok, t) for t in texts), vocab_size=len(tok),
-            tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok),
-            max_order=max_order, source=str(data),
-            on_flush=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        try:
+            report, stats = build_table_from_file(
+                client, data, fmt, domain, max_order=max_order, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
+                limit=limit, on_flush=lambda done, total: bar.update(task, completed=done, total=total))
+        except (ChainFormatError, ValueError, OSError) as exc:
+            fail(str(exc))
+    console.print(report.summary())
     used_after = client.info("memory").get("used_memory", 0)
     console.print(
         f"[green]built[/] {domain} v{stats.version}: {stats.sequences} chains, {stats.tokens} tokens, "
@@ -310,24 +302,96 @@ def eval_command(
     _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url)
 
 
+TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",
+             "<ANSWER>": "bold blue", "<Q>": "bold white", "<EOS>": "dim"}
+
+
+def print_chain(result) -> None:
+    """Print a decoded chain with each tag coloured, tool calls, check verdicts and the score summary."""
+    from rich.text import Text
+
+    text = Text()
+    for word in result.text.split(" "):
+        text.append(word + " ", style=TAG_STYLE.get(word, ""))
+    console.print(text)
+    for call in result.tool_calls:
+        status = f"[green]{call['output']}[/]" if call["ok"] else f"[red]error: {call['error']}[/]"
+        console.print(f"  tool {call['tool']}({call['args']}) → {status}")
+    for v in result.verdicts:
+        colour = {"pass": "green", "fail": "red"}.get(v["verdict"], "yellow")
+        console.print(f"  check {v['claim']!r}: [{colour}]{v['verdict']}[/] ({v['reason']})")
+    trace = result.trace
+    console.print(f"answer: [bold]{result.answer}[/]  stop: {result.stop_reason}  tokens: {result.tokens}  "
+                  f"log-score: {trace['log_score']:.2f}  ({result.seconds * 1000 / max(1, result.tokens):.2f} ms/token)")
+    for error in result.errors:
+        console.print(f"  [yellow]note:[/] {error}")
+
+
+def model_dir_for(domain: str, model: Optional[Path]) -> Path:
+    """The model folder to use: the one given, else the one quickstart/train put under the data directory."""
+    return model or store.data_dir() / "models" / domain
+
+
+@app.command()
+def generate(
+    question: str = typer.Argument(..., help="The question to reason about."),
+    domain: str = typer.Option("gsm8k-sample", "--domain"),
+    model: Optional[Path] = typer.Option(None, "--model", help="Selector folder (default: $OVERLAY_HOME/models/DOMAIN)."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Write the full JSON trace here."),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    session: Optional[str] = typer.Option(None, "--session", help="Session id: continue this chain in a later call."),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """Answer a question with the overlay: table candidates, selector choices, tool calls and checks."""
+    import json
+
+    from overlay.decode import load_decoder
+
+    folder = model_dir_for(domain, model)
+    client_or_fail(redis_url)
+    try:
+        decoder = load_decoder(domain, str(folder), redis_url, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed)
+        result = decoder.generate(question, session_id=session)
+    except (ValueError, FileNotFoundError, LookupError, store.StoreUnavailable) as exc:
+        fail(str(exc))
+    print_chain(result)
+    if trace:
+        trace.write_text(json.dumps(result.to_dict(), indent=1))
+        console.print(f"trace: {trace}")
+
+
 @app.command()
 def quickstart(
     data_dir: Path = typer.Option(EXAMPLES, "--data-dir", help="Folder with gsm8k_train_sample.jsonl and gsm8k_test_sample.jsonl."),
     domain: str = typer.Option("gsm8k-sample", "--domain"),
+    steps: int = typer.Option(600, "--steps", help="Selector training steps."),
     fresh: bool = typer.Option(False, "--fresh", help="Rebuild everything instead of reusing what exists."),
     redis_url: Optional[str] = REDIS_OPT,
 ) -> None:
-    """The main job on the shipped sample: build the table and show GetNeighbours for an example context."""
-    train = data_dir / "gsm8k_train_sample.jsonl"
-    if not train.exists():
-        fail(f"sample data not found at {train}; pass --data-dir pointing at examples/data")
-    client = client_or_fail(redis_url)
-    if fresh or tbl.active_version(client, domain) is None:
-        build_from_file(client, train, "gsm8k", domain)
-    else:
-        console.print(f"reusing table {domain} v{tbl.active_version(client, domain)} (use --fresh to rebuild)")
-    table = open_table(client, domain)
-    show_neighbours(table, "<THOUGHT> Natalia sold 48/2 clips in May. <ACTION> CALL calc(", 10)
+    """The main job on the shipped sample: table, dataset, selector, evaluation, three traced answers, report."""
+    import json
+
+    from overlay.pipeline import QuickstartConfig, run_quickstart
+
+    client_or_fail(redis_url)
+    try:
+        report = run_quickstart(data_dir, QuickstartConfig(domain=domain, steps=steps), fresh=fresh,
+                                redis_url=redis_url, log=console.print)
+    except (ValueError, FileNotFoundError, LookupError, store.StoreUnavailable) as exc:
+        fail(str(exc))
+    console.print((report / "eval.md").read_text().split("\n### ")[0])
+    from overlay.decode import DecodeResult
+
+    for ex in json.loads((report / "examples.json").read_text()):
+        ex.pop("well_formed")
+        expected = ex.pop("expected")
+        console.rule(f"expected answer {expected}")
+        print_chain(DecodeResult(**ex))
+    console.print(f"[bold green]report:[/] {report}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     mix: float = 0.0
+    repetition_penalty: float = 1.5
+    repetition_window: int = 16
     min_mean_logprob: float | None = None
+    max_step_repeats: int = 3
     max_question_chars: int = 2000
     session_ttl_s: int = 3600
     save_every: int = 64
@@ -48,6 +51,8 @@ class DecodeConfig:
         """Reject settings that cannot decode, naming the field."""
         if self.max_tokens < 1 or self.k_candidates < 2:
             raise ValueError(f"max_tokens must be ≥ 1 and k_candidates ≥ 2 (got {self.max_tokens}, {self.k_candidates})")
+        if self.repetition_penalty < 1 or self.repetition_window < 0:
+            raise ValueError("repetition_penalty must be ≥ 1 and repetition_window ≥ 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be ≥ 0 and top_p in (0, 1] (got {self.temperature}, {self.top_p})")
 
@@ -118,6 +123,8 @@ class OverlayDecoder:
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.texts = [t.replace(META, " ") for t in vocab]
+        self.wordlike = [t.strip().isalpha() for t in self.texts]
+        self.rep_cost = math.log(self.config.repetition_penalty)
 
     def _prompt(self, question: str) -> list[int]:
         """Token ids of ``<Q> question``, after checking the question's size."""
@@ -159,6 +166,18 @@ class OverlayDecoder:
         rng = random.Random(self.config.seed * 1_000_003 + position)
         return int(rng.choices(keep.tolist(), weights=probs[keep].tolist())[0])
 
+    def _penalty(self, state: _State, cands: list[int]) -> torch.Tensor | None:
+        """Repetition cost per candidate: ln(penalty) × its uses among the recent generated words.
+
+        Only word tokens count (digits, operators and tags repeat legitimately, e.g. a CHECK restating an
+        ACTION), which breaks the "hats hats hats" loops small greedy models fall into.
+        """
+        if not self.rep_cost or not self.config.repetition_window:
+            return None
+        recent = state.ids[max(state.prompt_len, len(state.ids) - self.config.repetition_window):]
+        counts = [recent.count(c) if self.wordlike[c] else 0 for c in cands]
+        return torch.tensor(counts, dtype=torch.float) * self.rep_cost if any(counts) else None
+
     def _allowed(self, state: _State, cands: list[int]) -> list[bool]:
         """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION."""
         in_action = state.router.current_tag == "ACTION"
@@ -192,7 +211,9 @@ class OverlayDecoder:
         neighbours = self.table.neighbours_batch([s.ids[-self.table.max_order:] for s in states], self.config.k_candidates)
         for state, nb, logp in zip(states, neighbours, self._scores(states, neighbours)):
             mask = torch.tensor(self._allowed(state, nb.ids))
-            masked = logp.masked_fill(~mask, -math.inf) if mask.any() else logp
+            penalty = self._penalty(state, nb.ids)
+            adjusted = logp - penalty if penalty is not None else logp
+            masked = adjusted.masked_fill(~mask, -math.inf) if mask.any() else adjusted
             choice = self._choose(masked, len(state.ids))
             top2 = torch.topk(masked, min(2, len(nb.ids))).values
             other = float(top2[1]) if len(top2) > 1 and int(torch.argmax(masked)) == choice else float(top2[0])
@@ -213,8 +234,18 @@ class OverlayDecoder:
             acc.stop_reason = "answer"
             router.finish()
             return
+        if last in TAG_IDS and router.steps and self._repeats(router) >= self.config.max_step_repeats:
+            acc.stop_reason = "repetition"
+            router.finish()
+            return
         if acc.should_stop(self.config.max_tokens, self.config.min_mean_logprob) and not router.done:
             router.finish()
+
+    @staticmethod
+    def _repeats(router: Router) -> int:
+        """How often the step just closed already occurs, same tag and text (only checked at step ends)."""
+        last = router.steps[-1]
+        return sum(1 for s in router.steps if s.tag == last.tag and s.text == last.text)
 
     def _result(self, state: _State, session_id: str | None) -> DecodeResult:
         r = state.router
