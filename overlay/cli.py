@@ -133,7 +133,8 @@ def show_neighbours(table: tbl.SemanticTable, text: str, k: int) -> None:
     if unknown:
         console.print(f"[yellow]note:[/] {unknown} unknown token(s) in the context; lookups back off past them")
     nb = table.neighbours(ids, k)
-    out = Table(title=f"GetNeighbours({text[-60:]!r}) — order used {nb.order}")
+    console.print(f"GetNeighbours({text[-60:]!r}): {len(nb)} candidates, order used: {nb.order}")
+    out = Table()
     for col in ("rank", "token", "id", "weight", "count", "order"):
         out.add_column(col)
     for rank, (i, w, c, o) in enumerate(zip(nb.ids, nb.weights, nb.counts, nb.orders), 1):

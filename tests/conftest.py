@@ -17,6 +17,9 @@ from redis.retry import Retry
 from redis.cluster import RedisCluster
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """One embedded Redis server for the whole test session."""

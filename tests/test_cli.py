@@ -1,0 +1,88 @@
+"""The `overlay` command line, end to end on the shipped sample with the embedded Redis server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES
+from overlay import store
+from overlay.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh data directory and embedded server for each test; shut down afterwards."""
+    monkeypatch.setenv(store.ENV_HOME, str(tmp_path))
+    monkeypatch.delenv(store.ENV_URL, raising=False)
+    yield tmp_path
+    for client in store._embedded.values():
+        client.shutdown()
+    store._embedded.clear()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
+
+
+def test_table_commands(home):
+    data = str(EXAMPLES / "gsm8k_train_sample.jsonl")
+    result = run("table", "build", "--data", data, "--domain", "cli", "--limit", "50")
+    assert result.exit_code == 0, result.output
+    assert "built cli v1" in result.output
+    result = run("table", "neighbours", "--domain", "cli", "<ACTION> CALL calc(")
+    assert result.exit_code == 0 and "order used: 3" in result.output
+    assert "cli" in run("table", "list").output
+    assert "tokenizer_hash" in run("table", "info", "cli").output
+    run("table", "build", "--data", data, "--domain", "cli", "--limit", "20")
+    assert "dropped cli versions [1]" in run("table", "drop", "cli", "--old").output
+    recall = run("table", "recall", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--domain", "cli", "--k", "8,32")
+    assert "recall@32" in recall.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["table", "neighbours", "--domain", "nope", "x"], "no complete table for domain 'nope'"),
+    (["table", "build", "--data", "missing.jsonl", "--domain", "d"], "missing.jsonl"),
+    (["table", "build", "--data", "x", "--domain", "bad name"], "invalid domain name"),
+    (["table", "drop", "nope"], "no table for domain"),
+    (["table", "list", "--redis-url", "redis://:pw@127.0.0.1:1"], "cannot reach Redis at 127.0.0.1:1"),
+    (["generate", "How many?", "--domain", "nope"], "no complete table"),
+])
+def test_bad_input_is_a_clear_error(home, args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output and "pw" not in result.output
+
+
+def test_empty_file_and_empty_context(home, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = run("table", "build", "--data", str(empty), "--domain", "e")
+    assert result.exit_code == 2 and "empty" in result.output
+    run("table", "build", "--data", str(EXAMPLES / "gsm8k_train_sample.jsonl"), "--domain", "e", "--limit", "10")
+    result = run("table", "neighbours", "--domain", "e", "   ")
+    assert result.exit_code == 2 and "empty" in result.output
+
+
+def test_quickstart_end_to_end_then_reuse_and_generate(home):
+    result = run("quickstart", "--steps", "60")
+    assert result.exit_code == 0, result.output
+    report = home / "reports"
+    folder = next(report.iterdir())
+    for name in ("eval.json", "eval.md", "examples.json", "accuracy_by_tag.png"):
+        assert (folder / name).exists()
+    results = json.loads((folder / "eval.json").read_text())
+    assert set(results["methods"]) >= {"table", "full_vocab", "overlay"}
+    assert results["generation"]["overlay"]["well_formed"] >= 0
+    assert len(json.loads((folder / "examples.json").read_text())) == 3
+    again = run("quickstart", "--steps", "60")
+    assert "reusing table" in again.output and "reusing selector" in again.output
+    trace = home / "trace.json"
+    gen = run("generate", "Tom has 3 apples and buys 4 more. How many apples does he have?", "--trace", str(trace),
+              "--max-tokens", "40")
+    assert gen.exit_code == 0, gen.output
+    assert "answer:" in gen.output and json.loads(trace.read_text())["trace"]["steps"]
