@@ -4,8 +4,13 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
+# The full Langflow server (the [langflow] extra) does not resolve with pip: uv installs it into its own venv,
+# used by the `langflow`-marked test (tests/test_langflow_server.py) through OVERLAY_LANGFLOW_BIN.
+LANGFLOW_VENV ?= .venv-langflow
+LANGFLOW_STAMP := $(LANGFLOW_VENV)/.installed-stamp
+LANGFLOW_TORCH ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*),torch==2.13.0+cpu --find-links /opt/wheels,$(TORCH_SPEC))
 
-.PHONY: install quickstart test test-all clean-venv
+.PHONY: install install-langflow quickstart test test-all clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +20,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(LANGFLOW_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LANGFLOW_VENV)
+	$(LANGFLOW_VENV)/bin/pip install --quiet uv
+	$(LANGFLOW_VENV)/bin/uv pip install --quiet --python $(LANGFLOW_VENV)/bin/python $(LANGFLOW_TORCH) -e ".[langflow,test]"
+	touch $(LANGFLOW_STAMP)
+
+install-langflow: $(LANGFLOW_STAMP)
+
 quickstart: $(STAMP)
 	$(VENV)/bin/overlay quickstart
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+test: $(STAMP) $(LANGFLOW_STAMP)
+	OVERLAY_LANGFLOW_BIN=$(LANGFLOW_VENV)/bin/langflow $(VENV)/bin/python -m pytest -m "not slow"
 
-test-all: $(STAMP)
-	$(VENV)/bin/python -m pytest
+test-all: $(STAMP) $(LANGFLOW_STAMP)
+	OVERLAY_LANGFLOW_BIN=$(LANGFLOW_VENV)/bin/langflow $(VENV)/bin/python -m pytest
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LANGFLOW_VENV)

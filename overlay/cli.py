@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +15,10 @@ from rich.table import Table
 
 from overlay import store
 from overlay import table as tbl
+from overlay.cliutil import dataclass_params
 from overlay.dataset import DatasetConfig
+from overlay.flows import flows_app
+from overlay.probe import probe_app
 from overlay.train import TrainConfig
 
 app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True)
@@ -25,6 +26,8 @@ table_app = typer.Typer(help="Build, inspect and drop semantic-weight tables.", 
 dataset_app = typer.Typer(help="Build token-level training datasets (Parquet shards).", no_args_is_help=True)
 app.add_typer(table_app, name="table")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(flows_app, name="flows")
+app.add_typer(probe_app, name="probe")
 console = Console()
 
 REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
@@ -56,19 +59,11 @@ def open_table(client, domain: str, version: Optional[int] = None) -> tbl.Semant
 def dataclass_command(target: typer.Typer, name: str, cls: type, run: Callable[..., None],
                       extra: dict[str, tuple[Any, Any]] | None = None) -> None:
     """Register a command whose options are the fields of a dataclass config (TRL style), plus ``extra``."""
-    params = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-        for name, (annotation, default) in (extra or {}).items()
-    ]
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        option = typer.Option(f.default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=option))
 
     def command(**kwargs: Any) -> None:
         run(**kwargs)
 
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__signature__ = inspect.Signature(dataclass_params(cls, extra))  # type: ignore[attr-defined]
     command.__doc__ = run.__doc__
     target.command(name)(command)
 

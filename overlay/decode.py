@@ -29,6 +29,69 @@ TAG_IDS = frozenset(IDS.values())
 META = "\u2581"
 
 
+class _FastSelector:
+    """SelectorModel's candidate scoring written out for decoding: the same weights and the same math,
+    without module-call overhead or mask building, and the last block computes only the last position (the
+    only one scored). Used for windows without PAD on a plain SelectorModel in eval mode; anything else
+    (adapters, HF causal LMs, padded windows) goes through ``model.score``.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        self.model = model
+        self.n_embd, self.n_head, self.window, self.pad = cfg.n_embd, cfg.n_head, cfg.window, cfg.pad_token_id
+        self.wte, self.wpe, self.out = model.wte.weight, model.wpe.weight, model.output_weight
+        self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+        self.blocks = [((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.weight, b.attn.c_attn.bias,
+                        b.attn.c_proj.weight, b.attn.c_proj.bias, (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
+                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
+        # (parent's module dict, name, module) for every module read here: adapters swap modules in place
+        parents = [(model, "wte"), (model, "wpe"), (model, "ln_f")] + [
+            (m, n) for b in model.h for m, names in ((b, ("ln_1", "ln_2")), (b.attn, ("c_attn", "c_proj")),
+                                                      (b.mlp, ("c_fc", "c_proj"))) for n in names]
+        self.slots = [(m._modules, n, m._modules[n]) for m, n in parents]
+
+    @classmethod
+    def build(cls, model: torch.nn.Module | None) -> _FastSelector | None:
+        """The fast path for ``model`` when it is a plain SelectorModel, else None."""
+        from torch import nn
+
+        from overlay.selector import SelectorModel
+
+        if type(model) is not SelectorModel:
+            return None
+        plain = all(type(b.attn.c_attn) is nn.Linear and type(b.attn.c_proj) is nn.Linear and type(b.mlp.c_fc) is nn.Linear
+                    and type(b.mlp.c_proj) is nn.Linear and type(b.ln_1) is nn.LayerNorm and type(b.ln_2) is nn.LayerNorm
+                    for b in model.h)
+        return cls(model) if plain and type(model.wte) is nn.Embedding and type(model.ln_f) is nn.LayerNorm else None
+
+    def usable(self, model: torch.nn.Module | None) -> bool:
+        """Still the same model, in eval mode, with none of its modules replaced since this was built."""
+        return model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
+
+    def __call__(self, windows: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        """Candidate logits [B,K] for full, PAD-free windows [B,k] and candidates [B,K] (PAD candidates masked)."""
+        F = torch.nn.functional
+        b, t = windows.shape
+        c, h = self.n_embd, self.n_head
+        with torch.inference_mode():
+            x = F.embedding(windows, self.wte) + self.wpe[self.window - t:]
+            last = len(self.blocks) - 1
+            for i, (ln1, attn_w, attn_b, proj_w, proj_b, ln2, fc_w, fc_b, out_w, out_b) in enumerate(self.blocks):
+                qkv = F.linear(F.layer_norm(x, (c,), *ln1), attn_w, attn_b)
+                q, k, v = qkv.view(b, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
+                if i < last:
+                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+                    x = x + F.linear(y, proj_w, proj_b)
+                else:  # only the last position is scored: it attends to the whole window
+                    y = F.scaled_dot_product_attention(q[:, :, -1:], k, v).reshape(b, c)
+                    x = x[:, -1] + F.linear(y, proj_w, proj_b)
+                x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (c,), *ln2), fc_w, fc_b)), out_w, out_b)
+            final = F.layer_norm(x, (c,), *self.ln_f)
+            logits = torch.bmm(self.out[cands].to(final.dtype), final.unsqueeze(-1)).squeeze(-1)
+            return logits.masked_fill(cands == self.pad, torch.finfo(logits.dtype).min)
+
+
 @dataclass
 class DecodeConfig:
     """How one chain is decoded; every field has a default so nodes and the CLI can pass a subset."""
@@ -110,7 +173,13 @@ class _State:
 
 
 class OverlayDecoder:
-    """Decode questions into chains over a table and a selector (or the table alone when model is None)."""
+    """Decode questions into chains over a table and a selector (or the table alone when model is None).
+
+    Set ``stage_seconds`` to ``collections.defaultdict(float)`` to have every step add the seconds it spends
+    per stage (lookup, selector, choose, accumulator, router, stop_rules); None (the default) costs nothing.
+    """
+
+    stage_seconds: dict[str, float] | None = None
 
     def __init__(self, table: SemanticTable, model: torch.nn.Module | None, tokenizer, config: DecodeConfig | None = None,
                  sessions: SessionStore | None = None):
@@ -142,18 +211,26 @@ class OverlayDecoder:
     def _emit(self, state: _State, token: int, *, injected: bool, cands: list[int] | None = None, rank: int = 0,
               score: float = 0.0, margin: float = 0.0, weight: float = 0.0, order: int = 0) -> None:
         """Append one token to the chain, trace it, route it, and inject tool output when asked."""
+        prof = self.stage_seconds
+        t0 = time.perf_counter() if prof is not None else 0.0
         state.ids.append(token)
         text = self.texts[token]
         is_tag = token in TAG_IDS
         state.acc.add(TraceStep(len(state.ids) - state.prompt_len - 1, token, text.strip() or text,
                                 state.router.current_tag or "", cands or [], rank, score, margin, weight, order, injected))
+        if prof is not None:
+            t1 = time.perf_counter()
+            prof["accumulator"] += t1 - t0
         event = state.router.feed(text, is_tag=is_tag)
+        out = None
         if event is not None and event.inject_text:
             out = encode(self.tokenizer, event.inject_text)
             if out and out[0] == IDS[RESULT] and token == IDS[RESULT]:
                 out = out[1:]
-            for t in out:
-                self._emit(state, t, injected=True)
+        if prof is not None:
+            prof["router"] += time.perf_counter() - t1
+        for t in out or ():
+            self._emit(state, t, injected=True)
 
     def _choose(self, logp: torch.Tensor, position: int) -> int:
         """Greedy, or temperature/top-p sampling seeded by (seed, position) so resumed chains match."""
@@ -175,32 +252,44 @@ class OverlayDecoder:
         if not self.rep_cost or not self.config.repetition_window:
             return None
         recent = state.ids[max(state.prompt_len, len(state.ids) - self.config.repetition_window):]
-        counts = [recent.count(c) if self.wordlike[c] else 0 for c in cands]
-        return torch.tensor(counts, dtype=torch.float) * self.rep_cost if any(counts) else None
+        wordlike = self.wordlike
+        present = {c for c in set(recent).intersection(cands) if wordlike[c]}
+        if not present:
+            return None
+        counts = [recent.count(c) if c in present else 0 for c in cands]
+        return torch.tensor(counts, dtype=torch.float) * self.rep_cost
 
     def _allowed(self, state: _State, cands: list[int]) -> list[bool]:
         """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION."""
-        in_action = state.router.current_tag == "ACTION"
-        return [c not in NEVER and (c != IDS[RESULT] or in_action) for c in cands]
+        if state.router.current_tag == "ACTION":
+            return [c not in NEVER for c in cands]
+        result = IDS[RESULT]
+        return [c not in NEVER and c != result for c in cands]
 
     def _scores(self, states: list[_State], neighbours: list) -> list[torch.Tensor]:
         """Log-probabilities over each chain's candidates: selector softmax (+ mix × table weight)."""
         if self.model is None:
             return [torch.tensor(nb.weights) for nb in neighbours]
         k = self.window
-        windows = torch.zeros(len(states), k, dtype=torch.long)
-        for row, s in enumerate(states):
-            tail = s.ids[-k:]
-            windows[row, k - len(tail):] = torch.tensor(tail)
-        kmax = max(len(nb.ids) for nb in neighbours)
-        cands = torch.zeros(len(states), kmax, dtype=torch.long)
-        for row, nb in enumerate(neighbours):
-            cands[row, : len(nb.ids)] = torch.tensor(nb.ids)
-        with torch.inference_mode():
-            logits = self.model.score(windows.to(self.device), cands.to(self.device)).float().cpu()
+        rows = [s.ids[-k:] for s in states]
+        full = all(len(r) == k for r in rows)
+        windows = torch.tensor(rows if full else [[0] * (k - len(r)) + r for r in rows], dtype=torch.long)
+        lengths = [len(nb.ids) for nb in neighbours]
+        kmax = max(lengths)
+        cands = torch.tensor([nb.ids + [0] * (kmax - n) for nb, n in zip(neighbours, lengths)], dtype=torch.long)
+        owner, fast = self.__dict__.get("_fast", (None, None))
+        if owner is not self.model or (fast is not None and not fast.usable(self.model)):
+            fast = _FastSelector.build(self.model)
+            self.__dict__["_fast"] = (self.model, fast)
+        if fast is not None and full and not any(fast.pad in r for r in rows):
+            logits = fast(windows.to(self.device), cands.to(self.device))
+        else:
+            with torch.inference_mode():
+                logits = self.model.score(windows.to(self.device), cands.to(self.device))
+        logits = logits.float().cpu()
         out = []
-        for row, nb in enumerate(neighbours):
-            logp = torch.log_softmax(logits[row, : len(nb.ids)], -1)
+        for row, (nb, n) in enumerate(zip(neighbours, lengths)):
+            logp = torch.log_softmax(logits[row, :n], -1)
             if self.config.mix:
                 logp = logp + self.config.mix * torch.tensor(nb.weights)
             out.append(logp)
@@ -208,21 +297,49 @@ class OverlayDecoder:
 
     def _step(self, states: list[_State]) -> None:
         """One token for every chain in ``states``: one pipelined lookup and one batched selector forward."""
+        prof = self.stage_seconds
+        t0 = time.perf_counter() if prof is not None else 0.0
         neighbours = self.table.neighbours_batch([s.ids[-self.table.max_order:] for s in states], self.config.k_candidates)
-        for state, nb, logp in zip(states, neighbours, self._scores(states, neighbours)):
-            mask = torch.tensor(self._allowed(state, nb.ids))
+        if prof is not None:
+            t1 = time.perf_counter()
+            prof["lookup"] += t1 - t0
+        scores = self._scores(states, neighbours)
+        if prof is not None:
+            t0 = time.perf_counter()
+            prof["selector"] += t0 - t1
+        greedy = self.config.temperature == 0
+        for state, nb, logp in zip(states, neighbours, scores):
+            allowed = self._allowed(state, nb.ids)
             penalty = self._penalty(state, nb.ids)
             adjusted = logp - penalty if penalty is not None else logp
-            masked = adjusted.masked_fill(~mask, -math.inf) if mask.any() else adjusted
-            choice = self._choose(masked, len(state.ids))
-            top2 = torch.topk(masked, min(2, len(nb.ids))).values
-            other = float(top2[1]) if len(top2) > 1 and int(torch.argmax(masked)) == choice else float(top2[0])
+            if greedy:  # the same choice, score and margin as the tensor path below, on plain floats (K is small)
+                values = adjusted.tolist()
+                masked = [v if ok else -math.inf for v, ok in zip(values, allowed)] if any(allowed) else values
+                choice = max(range(len(masked)), key=masked.__getitem__)  # the first maximum, as torch.argmax
+                other = max(masked[:choice] + masked[choice + 1:]) if len(masked) > 1 else masked[0]
+                score = values[choice] if penalty is None else float(logp[choice])
+            else:
+                mask = torch.tensor(allowed)
+                masked = adjusted.masked_fill(~mask, -math.inf) if mask.any() else adjusted
+                choice = self._choose(masked, len(state.ids))
+                top2 = torch.topk(masked, min(2, len(nb.ids))).values
+                other = float(top2[1]) if len(top2) > 1 and int(torch.argmax(masked)) == choice else float(top2[0])
+                masked = masked.tolist()
+                score = float(logp[choice])
             token = nb.ids[choice]
+            if prof is not None:
+                prof["choose"] += time.perf_counter() - t0
             if token in TAG_IDS and token != IDS[RESULT] and state.router.current_tag == "ACTION":
                 self._emit(state, IDS[RESULT], injected=True)
-            self._emit(state, token, injected=False, cands=nb.ids, rank=choice, score=float(logp[choice]),
-                       margin=float(masked[choice]) - other, weight=nb.weights[choice], order=nb.order)
+            self._emit(state, token, injected=False, cands=nb.ids, rank=choice, score=score,
+                       margin=masked[choice] - other, weight=nb.weights[choice], order=nb.order)
+            if prof is not None:
+                t0 = time.perf_counter()
             self._check_stop(state)
+            if prof is not None:
+                t1 = time.perf_counter()
+                prof["stop_rules"] += t1 - t0
+                t0 = t1
 
     def _check_stop(self, state: _State) -> None:
         """Stop at <EOS>, at the end of the ANSWER step, at the token limit, or by the accumulator's rule."""

@@ -21,18 +21,34 @@ from lower orders ("backoff") get their own order's weight plus ``ln(0.4)`` per 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
 
 TOTAL = "t"
 BACKOFF = math.log(0.4)
 PREFIX = "ovl"
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 UNIGRAM_CACHE = 256
+# GetNeighbours on the server: every order's top k+1 members and counts (the total ``t`` among them) as one
+# compact string, orders separated by ';' (see SemanticTable._parse): cheap to parse, unlike nested RESP replies.
+LOOKUP_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = table.concat(redis.call('ZREVRANGE', key, 0, tonumber(ARGV[1]), 'WITHSCORES'), ',')
+end
+return table.concat(out, ';')
+"""
+LOOKUP_SHA = hashlib.sha1(LOOKUP_SCRIPT.encode()).hexdigest()
 
 
 class TableNotFound(LookupError):
@@ -262,6 +278,9 @@ def drop_table(client, domain: str, version: int | None = None, *, keep_active: 
 class SemanticTable:
     """Read side of one domain's table (the active version unless one is named): GetNeighbours."""
 
+    cache_size: int = 4096  # contexts kept client-side (a complete version never changes); 0 turns caching off
+    _scripted: bool | None = None  # server-side lookup script: None until tried, False where the server refuses it
+
     def __init__(self, client, domain: str, version: int | None = None):
         check_domain(domain)
         self.client = client
@@ -313,38 +332,81 @@ class SemanticTable:
         return ctx
 
     def _queue(self, pipe, ctx: list[int], k: int) -> int:
-        for n in range(len(ctx), 0, -1):
-            pipe.zrevrange(context_key(self.domain, self.version, ctx[-n:]), 0, k, withscores=True)
-        return len(ctx)
+        """Queue one context's lookup (all orders, one command) on ``pipe``; returns the commands queued.
+
+        The server-side script reads the top k+1 members of every order's zset (highest order first) and replies
+        with one compact string, which parses far faster than nested RESP replies.
+        """
+        keys = [context_key(self.domain, self.version, ctx[-n:]) for n in range(len(ctx), 0, -1)]
+        pipe.evalsha(LOOKUP_SHA, len(keys), *keys, k)
+        return 1
+
+    @staticmethod
+    def _parse(reply) -> list[tuple[int, list[int], list[int]]]:
+        """(total, ids, counts) per order from the script's compact reply (``id,count,…`` per order, ';' between).
+
+        Ids are numbers and the total's member is ``t``, so swapping ``t`` for -1 makes the reply a JSON array
+        that the C parser reads in one call.
+        """
+        if isinstance(reply, str):
+            reply = reply.encode()
+        out = []
+        for vals in json.loads(b"[[" + reply.replace(b"t,", b"-1,").replace(b";", b"],[") + b"]]"):
+            members, counts = vals[0::2], vals[1::2]
+            total = 0
+            if -1 in members:  # the total outranks every count, so it normally leads
+                i = members.index(-1)
+                total = int(counts.pop(i))
+                del members[i]
+            out.append((total, members, list(map(int, counts))))
+        return out
+
+    @staticmethod
+    def _rows(rows_per_order: list) -> list[tuple[int, list[int], list[int]]]:
+        """(total, ids, counts) per order from plain ZREVRANGE … WITHSCORES replies (the fallback path)."""
+        out = []
+        for rows in rows_per_order:
+            total = next((c for m, c in rows if m in (b"t", "t")), 0)
+            entries = [(int(m), int(c)) for m, c in rows if m not in (b"t", "t")]
+            out.append((total, [t for t, _ in entries], [c for _, c in entries]))
+        return out
 
     def _merge(self, ctx_len: int, rows_per_order: list, k: int, min_candidates: int) -> Neighbours:
-        """Backoff: the longest order with ≥ min_candidates continuations leads; lower orders fill up to k."""
+        """Backoff: the longest order with ≥ min_candidates continuations leads; lower orders fill up to k.
+
+        ``rows_per_order`` holds (total, ids, counts) per order, from order ``ctx_len`` down to 1.
+        """
         ids: list[int] = []
         weights: list[float] = []
         counts: list[int] = []
         orders: list[int] = []
         used = 0
         seen: set[int] = set()
-        for n, rows in zip(range(ctx_len, 0, -1), rows_per_order):
-            total = next((c for m, c in rows if m in (b"t", "t")), 0)
-            entries = [(int(m), int(c)) for m, c in rows if m not in (b"t", "t")]
+        alpha, log = self.alpha, math.log
+        smooth = alpha * self.vocab_size
+        for n, (total, toks, cnts) in zip(range(ctx_len, 0, -1), rows_per_order):
             if not used:
-                if len(entries) < min_candidates:
+                if len(toks) < min_candidates:
                     continue
                 used = n
             penalty = BACKOFF * (used - n)
-            for tok, c in entries:
-                if tok not in seen and len(ids) < k:
+            denom = total + smooth
+            for tok, c in zip(toks, cnts):
+                if len(ids) >= k:
+                    break
+                if tok not in seen:
                     seen.add(tok)
                     ids.append(tok)
-                    weights.append(self._weight(c, total) + penalty)
+                    weights.append(log((c + alpha) / denom) + penalty)
                     counts.append(c)
                     orders.append(n)
         if len(ids) < k:
             uni = self.unigrams(k + len(ids))
             penalty = BACKOFF * used
             for tok, w, c in zip(uni.ids, uni.weights, uni.counts):
-                if tok not in seen and len(ids) < k:
+                if len(ids) >= k:
+                    break
+                if tok not in seen:
                     seen.add(tok)
                     ids.append(tok)
                     weights.append(w + penalty)
@@ -361,20 +423,99 @@ class SemanticTable:
         return self.neighbours_batch([context_ids], k, min_candidates)[0]
 
     def neighbours_batch(self, contexts: Sequence[Sequence[int]], k: int = 32, min_candidates: int = 1) -> list[Neighbours]:
-        """GetNeighbours for many contexts in one pipeline (one round trip per server involved)."""
+        """GetNeighbours for many contexts in one pipeline (one round trip per server involved).
+
+        A version never changes once complete, so results are kept client-side in an LRU of ``cache_size``
+        contexts (0 turns it off); only the contexts not cached go to the server. Each context is one
+        server-side script call (all its orders share a hash slot, so this also works on Redis Cluster).
+        """
         if k < 1:
             raise ValueError(f"k must be ≥ 1, got {k}")
         ctxs = [self._check_ids(c) for c in contexts]
+        cache = self._lru if self.cache_size else None
+        out: list[Neighbours | None] = [None] * len(ctxs)
+        todo: list[int] = []
+        for i, ctx in enumerate(ctxs):
+            hit = cache.get((*ctx, k, min_candidates)) if cache is not None else None
+            if hit is None:
+                todo.append(i)
+            else:
+                cache.move_to_end((*ctx, k, min_candidates))
+                out[i] = Neighbours(hit.ids[:], hit.weights[:], hit.counts[:], hit.orders[:], hit.order)
+        if todo:
+            for i, rows in zip(todo, self._fetch([ctxs[i] for i in todo], k)):
+                nb = out[i] = self._merge(len(ctxs[i]), rows, k, min_candidates)
+                if cache is not None:
+                    cache[(*ctxs[i], k, min_candidates)] = Neighbours(nb.ids[:], nb.weights[:], nb.counts[:],
+                                                                     nb.orders[:], nb.order)
+                    if len(cache) > self.cache_size:
+                        cache.popitem(last=False)
+        return out  # type: ignore[return-value]
+
+    def cache_clear(self) -> None:
+        """Forget the client-side cache of looked-up contexts."""
+        self._lru.clear()
+
+    @property
+    def _lru(self) -> OrderedDict:
+        cache = self.__dict__.get("_lru_store")
+        if cache is None:
+            cache = self.__dict__["_lru_store"] = OrderedDict()
+        return cache
+
+    def _fetch(self, ctxs: list[list[int]], k: int) -> list[list[tuple[int, list[int], list[int]]]]:
+        """(total, ids, counts) per order for each context, in one round trip (per server)."""
+        if not any(ctxs):
+            return [[] for _ in ctxs]
+        # Redis Cluster pipelines refuse EVALSHA, so there a batch goes as plain ZREVRANGEs (one slot per context)
+        if self._scripted is not False and (len(ctxs) == 1 or not isinstance(self.client, RedisCluster)):
+            try:
+                return self._fetch_scripted(ctxs, k)
+            except ResponseError as exc:
+                if self._scripted or not _scripting_refused(exc):
+                    raise
+                self._scripted = False  # the server refuses scripts: use plain ZREVRANGE pipelines from now on
         pipe = self.client.pipeline(transaction=False)
         for ctx in ctxs:
-            self._queue(pipe, ctx, k)
+            for n in range(len(ctx), 0, -1):
+                pipe.zrevrange(context_key(self.domain, self.version, ctx[-n:]), 0, k, withscores=True)
         rows = pipe.execute() if len(pipe) else []
-        out: list[Neighbours] = []
-        pos = 0
+        out, pos = [], 0
         for ctx in ctxs:
-            out.append(self._merge(len(ctx), rows[pos : pos + len(ctx)], k, min_candidates))
+            out.append(self._rows(rows[pos : pos + len(ctx)]))
             pos += len(ctx)
         return out
+
+    def _fetch_scripted(self, ctxs: list[list[int]], k: int) -> list[list[tuple[int, list[int], list[int]]]]:
+        """The script path of ``_fetch``: one EVALSHA per context; loads the script when the server lacks it."""
+        for attempt in (0, 1):
+            try:
+                if len(ctxs) == 1:  # the decoder's batch-1 case: a plain command, no pipeline machinery
+                    ctx = ctxs[0]
+                    if not ctx:
+                        return [[]]
+                    keys = [context_key(self.domain, self.version, ctx[-n:]) for n in range(len(ctx), 0, -1)]
+                    replies = [self.client.evalsha(LOOKUP_SHA, len(keys), *keys, k)]
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for ctx in ctxs:
+                        if ctx:
+                            self._queue(pipe, ctx, k)
+                    replies = iter(pipe.execute())
+                    replies = [next(replies) if ctx else b"" for ctx in ctxs]
+                self._scripted = True
+                return [self._parse(r) if ctx else [] for ctx, r in zip(ctxs, replies)]
+            except NoScriptError:
+                if attempt:
+                    raise
+                self.client.script_load(LOOKUP_SCRIPT)
+        raise AssertionError("unreachable")
+
+
+def _scripting_refused(exc: ResponseError) -> bool:
+    """True for errors meaning the server will not run scripts at all (disabled or not permitted)."""
+    text = str(exc).lower()
+    return any(s in text for s in ("unknown command", "noperm", "no permissions", "disabled"))
 
 
 def candidate_recall(

@@ -56,3 +56,4 @@ def test_cluster_url(redis_cluster):
         assert isinstance(client, RedisCluster)
         client.set("x", 1)
         assert client.get("x") == b"1"
+        client.delete("x")

@@ -138,3 +138,22 @@ def test_cluster_spreads_keys_and_matches_single_server(redis_cluster, redis_cli
     assert len({cluster.keyslot(k) for k in keys}) == 1
     assert tbl.drop_table(cluster, "spread") == [1]
     assert sum(redis.Redis(port=p).dbsize() for p in ports) == 0
+
+
+def test_lookup_script_fallback_and_cache_agree(redis_client):
+    """The server-side lookup script, the plain ZREVRANGE fallback and the client-side cache give the same result."""
+    build(redis_client)
+    contexts = [[1], [1, 2], [2, 3], [4], [], [3, 1], [7, 1, 2]]
+    plain = tbl.SemanticTable(redis_client, "tiny")
+    plain._scripted, plain.cache_size = False, 0
+    expected = plain.neighbours_batch(contexts, 4)
+    scripted = tbl.SemanticTable(redis_client, "tiny")
+    scripted.cache_size = 0
+    redis_client.script_flush()  # the script is loaded again on NOSCRIPT
+    assert scripted.neighbours_batch(contexts, 4) == expected
+    assert [scripted.neighbours(c, 4) for c in contexts] == expected
+    cached = tbl.SemanticTable(redis_client, "tiny")
+    assert cached.neighbours_batch(contexts, 4) == expected
+    assert cached.neighbours_batch(contexts, 4) == expected  # now from the cache
+    cached.neighbours(contexts[1], 4).ids.append(99)  # callers get copies
+    assert cached.neighbours(contexts[1], 4) == expected[1]

@@ -1,0 +1,157 @@
+"""REST: ``lfx serve`` latency for one question and throughput at concurrency 8, on the shipped flow.
+
+Starts ``lfx serve flows/overlay_reasoning.json`` (API key required, as in production) against the
+benchmark's table and selector (``OVERLAY_DOMAIN`` / ``OVERLAY_MODEL_DIR`` / ``OVERLAY_REDIS_URL``), then
+times ``POST /flows/<id>/run``: one request at a time (latency) and 8 concurrent clients (throughput). The
+peer, in the same run: the same questions decoded in-process by ``OverlayDecoder.generate`` with the same
+token limit, so the REST overhead is the difference.
+
+    python benchmarks/bench_rest.py --data ../shared/data/gsm8k/train.jsonl --requests 16 --concurrency 8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import common
+
+FLOW = common.ROOT / "flows" / "overlay_reasoning.json"
+API_KEY = "overlay-bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, body: dict | None = None, timeout: float = 300.0) -> tuple[float, dict]:
+    """(seconds, JSON reply) of one request with the API key."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
+                                 headers={"x-api-key": API_KEY, "content-type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        reply = json.loads(resp.read() or b"null")
+    return time.perf_counter() - start, reply
+
+
+def redis_url(client) -> str:
+    """A URL another process can reach the benchmark's Redis at (the embedded server's unix socket)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+def start_server(home: Path, setup: common.Setup, port: int) -> subprocess.Popen:
+    lfx = Path(sys.executable).with_name("lfx")
+    env = os.environ | {"LANGFLOW_API_KEY": API_KEY, "OVERLAY_DOMAIN": setup.table.domain,
+                        "OVERLAY_MODEL_DIR": str(setup.model_dir), "OVERLAY_REDIS_URL": redis_url(setup.client),
+                        "OVERLAY_HOME": str(home)}
+    log = (home / "lfx-serve.log").open("w")
+    return subprocess.Popen([str(lfx) if lfx.exists() else "lfx", "serve", str(FLOW), "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, home: Path, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lfx serve exited with {proc.returncode}:\n{(home / 'lfx-serve.log').read_text()[-3000:]}")
+        try:
+            call(f"{base}/health", timeout=2)
+            return time.perf_counter() - start
+        except (urllib.error.URLError, OSError, ConnectionError):
+            time.sleep(0.5)
+    raise RuntimeError(f"lfx serve did not answer /health within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run(args) -> dict:
+    if not FLOW.exists():
+        reason = f"not available yet: {FLOW.relative_to(common.ROOT)} does not exist (the Langflow flows come later)"
+        print(reason)
+        return {"skipped": reason}
+    from overlay.chains import load_chains
+    from overlay.decode import DecodeConfig, OverlayDecoder
+
+    questions = [c.question for c in load_chains(args.data, "gsm8k", limit=args.requests + 8).chains]
+    with common.overlay_home(args.home) as home:
+        setup = common.setup_overlay(home, args.data)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start_server(home, setup, port)
+        try:
+            startup = wait_healthy(base, proc, home, args.startup_timeout)
+            flows = call(f"{base}/flows")[1]
+            flow_id = flows[0]["id"] if isinstance(flows[0], dict) else flows[0]
+            url = f"{base}/flows/{flow_id}/run"
+            _, reply = call(url, {"input_value": questions[-1]})  # warm: loads the selector in the server
+            if not reply.get("success", False):
+                raise RuntimeError(f"the flow run failed: {str(reply)[:500]}")
+            single = [call(url, {"input_value": q})[0] for q in questions[: args.requests]]
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                start = time.perf_counter()
+                loaded = list(pool.map(lambda q: call(url, {"input_value": q})[0],
+                                       [questions[i % len(questions)] for i in range(args.requests)]))
+                wall = time.perf_counter() - start
+        finally:
+            stop(proc)
+        decoder = OverlayDecoder(setup.table, setup.model, setup.tokenizer, DecodeConfig(max_tokens=256))
+        decoder.generate(questions[-1])
+        library = []
+        tokens = []
+        for q in questions[: args.requests]:
+            start = time.perf_counter()
+            tokens.append(decoder.generate(q).tokens)
+            library.append(time.perf_counter() - start)
+    rows = [
+        {"measure": "lfx serve, one request at a time", "requests": len(single),
+         "median_s": statistics.median(single), "p99_s": common.percentile(single, 99),
+         "requests_per_s": len(single) / sum(single)},
+        {"measure": f"lfx serve, concurrency {args.concurrency}", "requests": len(loaded),
+         "median_s": statistics.median(loaded), "p99_s": common.percentile(loaded, 99),
+         "requests_per_s": len(loaded) / wall},
+        {"measure": "in-process OverlayDecoder.generate (peer)", "requests": len(library),
+         "median_s": statistics.median(library), "p99_s": common.percentile(library, 99),
+         "requests_per_s": len(library) / sum(library)},
+    ]
+    common.table(rows, ["measure", "requests", "median_s", "p99_s", "requests_per_s"],
+                 f"REST (flow {FLOW.name}, ~{statistics.mean(tokens):.0f} tokens per answer)")
+    return {"flow": FLOW.name, "server_startup_s": startup, "concurrency": args.concurrency, "rows": rows,
+            "mean_tokens": statistics.mean(tokens), "rest_overhead_s": rows[0]["median_s"] - rows[2]["median_s"]}
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=16, help="requests per measurement")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients in the throughput run")
+    p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for lfx serve")
+    args = p.parse_args()
+    common.write_json("rest", run(args), not args.no_json)
+
+
+if __name__ == "__main__":
+    main()

