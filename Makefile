@@ -32,10 +32,10 @@ quickstart: $(STAMP)
 	$(VENV)/bin/overlay quickstart
 
 test: $(STAMP) $(LANGFLOW_STAMP)
-	OVERLAY_LANGFLOW_BIN=$(LANGFLOW_VENV)/bin/langflow $(VENV)/bin/python -m pytest -m "not slow"
+	OVERLAY_LANGFLOW_BIN=$(abspath $(LANGFLOW_VENV))/bin/langflow $(VENV)/bin/python -m pytest -m "not slow"
 
 test-all: $(STAMP) $(LANGFLOW_STAMP)
-	OVERLAY_LANGFLOW_BIN=$(LANGFLOW_VENV)/bin/langflow $(VENV)/bin/python -m pytest
+	OVERLAY_LANGFLOW_BIN=$(abspath $(LANGFLOW_VENV))/bin/langflow $(VENV)/bin/python -m pytest
 
 clean-venv:
 	rm -rf $(VENV) $(LANGFLOW_VENV)

@@ -55,11 +55,13 @@ def redis_url(client) -> str:
     return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
-def start_server(home: Path, setup: common.Setup, port: int) -> subprocess.Popen:
+def start_server(home: Path, setup: common.Setup, port: int, threads: int) -> subprocess.Popen:
     lfx = Path(sys.executable).with_name("lfx")
     env = os.environ | {"LANGFLOW_API_KEY": API_KEY, "OVERLAY_DOMAIN": setup.table.domain,
                         "OVERLAY_MODEL_DIR": str(setup.model_dir), "OVERLAY_REDIS_URL": redis_url(setup.client),
                         "OVERLAY_HOME": str(home)}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = (home / "lfx-serve.log").open("w")
     return subprocess.Popen([str(lfx) if lfx.exists() else "lfx", "serve", str(FLOW), "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], env=env, stdout=log,
@@ -94,15 +96,19 @@ def run(args) -> dict:
         reason = f"not available yet: {FLOW.relative_to(common.ROOT)} does not exist (the Langflow flows come later)"
         print(reason)
         return {"skipped": reason}
+    import torch
+
     from overlay.chains import load_chains
     from overlay.decode import DecodeConfig, OverlayDecoder
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     questions = [c.question for c in load_chains(args.data, "gsm8k", limit=args.requests + 8).chains]
     with common.overlay_home(args.home) as home:
         setup = common.setup_overlay(home, args.data)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        proc = start_server(home, setup, port)
+        proc = start_server(home, setup, port, args.threads)
         try:
             startup = wait_healthy(base, proc, home, args.startup_timeout)
             flows = call(f"{base}/flows")[1]
@@ -140,7 +146,8 @@ def run(args) -> dict:
     ]
     common.table(rows, ["measure", "requests", "median_s", "p99_s", "requests_per_s"],
                  f"REST (flow {FLOW.name}, ~{statistics.mean(tokens):.0f} tokens per answer)")
-    return {"flow": FLOW.name, "server_startup_s": startup, "concurrency": args.concurrency, "rows": rows,
+    return {"flow": FLOW.name, "threads": args.threads, "server_startup_s": startup, "concurrency": args.concurrency,
+            "rows": rows,
             "mean_tokens": statistics.mean(tokens), "rest_overhead_s": rows[0]["median_s"] - rows[2]["median_s"]}
 
 
@@ -148,6 +155,8 @@ def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=16, help="requests per measurement")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients in the throughput run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in the server (OMP_NUM_THREADS) and the in-process peer; 0 = torch's default")
     p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for lfx serve")
     args = p.parse_args()
     common.write_json("rest", run(args), not args.no_json)

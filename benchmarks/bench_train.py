@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     p.add_argument("--eval-rows", type=int, default=2000, help="held-out rows per evaluation")
     p.add_argument("--target", type=float, default=0.40, help="validation accuracy@1 over the candidates to reach")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 oversubscribes a shared 2-core machine)")
     args = p.parse_args()
     common.write_json("train", run(args), not args.no_json)
 

@@ -975,7 +975,7 @@ class Inspector:
 class ProbeConfig:
     """One probe run (the CLI options are its fields)."""
 
-    prefix_steps: str = field(default="1", metadata={
+    prefix_steps: str = field(default="0,1", metadata={
         "help": "j: model steps of the variant's own chain fed after the question, comma-separated for several."})
     next_steps: int = field(default=2, metadata={"help": "m: steps the continuation must reproduce to count as entered."})
     variants: int = field(default=6, metadata={"help": "Variants per track."})
@@ -1637,7 +1637,7 @@ def _tracks_command(model: Path, library: Path, out: Path, control: Optional[Pat
 
 
 def probe_node(library: str | None, model_dir: str | None, control_dir: str | None = None, domain: str | None = None,
-               out_dir: str | None = None, prefix_steps: str = "1", next_steps: int = 2, redis_url: str | None = None,
+               out_dir: str | None = None, prefix_steps: str = "0,1", next_steps: int = 2, redis_url: str | None = None,
                variants: int = 6, heldout: int = 2, seed: int = 0, limit: int = 0, figures: int = 2,
                split: str | None = None) -> tuple[dict[str, Any], str, str]:
     """Run the probe with a node's settings (empty fields: $OVERLAY_MODEL_DIR, $OVERLAY_DOMAIN or the model's own
@@ -1652,7 +1652,7 @@ def probe_node(library: str | None, model_dir: str | None, control_dir: str | No
     if not path:
         raise NodeError("no library given: fill Library Path with a YAML/JSONL track library or a GSM8K JSONL file")
     model = setting(model_dir, ENV_MODEL_DIR, "model folder")
-    config = ProbeConfig(prefix_steps=str(prefix_steps or "1"), next_steps=int(next_steps), variants=int(variants),
+    config = ProbeConfig(prefix_steps=str(prefix_steps or "0,1"), next_steps=int(next_steps), variants=int(variants),
                          heldout=int(heldout), seed=int(seed), limit=int(limit), figures=int(figures))
     lib = load_library(path)
     name = (domain or "").strip() or os.environ.get(ENV_DOMAIN, "").strip() or infer_domain(model)

@@ -96,7 +96,12 @@ def test_the_installed_extension_is_discovered_and_valid():
 
 
 def test_the_wheel_ships_the_manifest_and_the_entry_point(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", ROOT,
+    source = tmp_path / "src"
+    for name in ("overlay", "components"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", source,
                     "-w", tmp_path], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -249,7 +254,7 @@ def test_sixteen_concurrent_requests_all_succeed_with_correct_results(served, ov
 
 def test_inspect_neighbours_over_rest(served):
     body = run(served, flow_json("inspect_neighbours")["id"], "<THOUGHT> Natalia sold").json()
-    assert body["success"]
+    assert body["success"], body
     lines = body["result"].splitlines()
     assert "token_id" in lines[0] and len(lines) == 2 + 32
 

@@ -40,7 +40,7 @@ def langflow_binary() -> str:
     if named:
         if not Path(named).is_file():
             pytest.fail(f"OVERLAY_LANGFLOW_BIN={named} does not exist: run `make install-langflow`")
-        return named
+        return str(Path(named).resolve())
     local = ROOT / ".venv-langflow" / "bin" / "langflow"
     found = str(local) if local.is_file() else shutil.which("langflow")
     return found or pytest.skip("langflow is not installed: `make install-langflow` (uv, the [langflow] extra)")

@@ -44,8 +44,8 @@ class TrackProbeComponent(Component):
         StrInput(
             name="prefix_steps",
             display_name="Prefix Steps (j)",
-            value="1",
-            info="Steps of the variant's chain fed after the question; comma-separated for several (e.g. 0,1,2).",
+            value="0,1",
+            info="Steps of the variant's chain fed after the question, comma-separated (the first one is summarised).",
         ),
         IntInput(
             name="next_steps",
