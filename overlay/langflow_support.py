@@ -421,22 +421,13 @@ def decode_question(question: str | None, table: Any, selector: Any, accumulator
 
 def build_table_from_file(client: Any, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,
                           vocab_size: int = 2000, limit: int | None = None) -> tuple[tbl.BuildStats, str]:
-    """Convert a JSONL dataset to chains, train a tokenizer on them and build a new table version.
+    """Build a new table version from a JSONL dataset; returns the build stats and the conversion summary."""
+    from overlay.pipeline import build_table_from_file as build
 
-    Returns the build stats and the conversion summary (how many records converted, errors by reason).
-    """
-    from overlay.chains import load_chains
-    from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
-
-    tbl.check_domain(domain)
-    report = load_chains(path, fmt, limit=limit)
-    if not report.chains:
-        raise NodeError(f"{path}: no record could be converted to a chain ({report.summary()})")
-    texts = [c.to_text() for c in report.chains]
-    tok = train_tokenizer(texts, vocab_size=vocab_size)
-    stats = tbl.build_table(client, domain, (encode(tok, t) for t in texts), vocab_size=len(tok),
-                            tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok),
-                            max_order=max_order, source=str(path))
+    try:
+        report, stats = build(client, path, fmt, domain, max_order=max_order, vocab_size=vocab_size, limit=limit)
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
     return stats, report.summary()
 
 
