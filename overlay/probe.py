@@ -27,7 +27,8 @@ from typing import Any, Optional
 
 import typer
 
-from overlay.chains import ANSWER, CHECK, EOS, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, TAG_LIKE, Chain, ChainFormatError, parse_gsm8k_answer
+from overlay.chains import (ANSWER, EOS, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, TAG_LIKE, Chain, ChainFormatError,
+                            parse_gsm8k_answer)
 from overlay.tools import ToolError, calc
 
 SLOT = re.compile(r"\{([A-Za-z_]\w*)\}")
@@ -129,7 +130,8 @@ class Track:
         computed = self.computed
         if len(set(computed)) != len(computed) or given & set(computed):
             dup = sorted({c for c in computed if computed.count(c) > 1} | (given & set(computed)))
-            raise ProbeError(f"{where}: {', '.join(dup)} is bound more than once (a slot and a calculation, or two calculations)")
+            raise ProbeError(f"{where}: {', '.join(dup)} is bound more than once "
+                             "(a slot and a calculation, or two calculations)")
         texts = [("question", self.question), ("answer", self.answer)] + [(f"solution line {i + 1}", s)
                                                                           for i, s in enumerate(self.solution)]
         used: set[str] = set()
@@ -228,7 +230,8 @@ def track_from_dict(data: Any, where: str) -> Track:
         norm[str(name)] = [_str(v) for v in values if v is not None and _str(v)]
     track = Track(id=str(data.get("id") or where), question=str(data.get("question") or ""),
                   solution=[str(s) for s in solution], slots=norm, rows=[{k: _str(v) for k, v in r.items()} for r in rows],
-                  answer=_str(data.get("answer") or ""), bounds={k: [float(x) for x in v] for k, v in (data.get("bounds") or {}).items()},
+                  answer=_str(data.get("answer") or ""),
+                  bounds={k: [float(x) for x in v] for k, v in (data.get("bounds") or {}).items()},
                   source=str(data.get("source") or ""))
     track.validate()
     return track
@@ -398,7 +401,8 @@ def load_library(path: str | Path, limit: int | None = None) -> TrackLibrary:
             records = [(i, json.loads(ln)) for i, ln in lines]
         except json.JSONDecodeError as exc:
             raise ProbeError(f"library {p}: malformed JSON ({exc.msg})") from None
-        if records and all(isinstance(r, dict) and "solution" not in r and "####" in str(r.get("answer", "")) for _, r in records):
+        gsm8k = all(isinstance(r, dict) and "solution" not in r and "####" in str(r.get("answer", "")) for _, r in records)
+        if records and gsm8k:
             lib = library_from_gsm8k(p, limit)
         else:
             lib = TrackLibrary([track_from_dict(r, f"{p.name} line {i}") for i, r in records[:limit]], [], str(p))
@@ -625,8 +629,9 @@ class VariantSet:
             variants = []
             for r in data["variants"]:
                 steps, answer, derived = parse_gsm8k_answer(r["answer"])
-                variants.append(Variant(r["track"], int(r["variant"]), r["values"], Chain(r["question"], steps, answer, 0, derived),
-                                        r["answer"], list(r["edits"]), bool(r["heldout"])))
+                chain = Chain(r["question"], steps, answer, 0, derived)
+                variants.append(Variant(r["track"], int(r["variant"]), r["values"], chain, r["answer"], list(r["edits"]),
+                                        bool(r["heldout"])))
             config = VariantConfig(**data["config"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ChainFormatError) as exc:
             raise ProbeError(f"cannot read the variant split {p}: {type(exc).__name__}: {exc}") from None
@@ -933,7 +938,8 @@ class Inspector:
 
     def similarity(self, a: list[int], b: list[int], run_a: dict | None = None) -> dict[str, Any]:
         """Per layer mean cosine of a's and b's hidden states at aligned positions whose windows differ (identical
-        windows give identical states, so they are counted but left out), plus the per-position values."""
+        windows give identical states, so they are counted but left out of the means), plus per-position values
+        (1.0 where the windows are identical, NaN where a's token is not aligned)."""
         import torch
 
         pairs = self.align(a, b)
@@ -943,7 +949,10 @@ class Inspector:
         run_b = self.run(b, [q for _, q in pairs]) if pairs else None
         keep = [n for n, (p, _) in enumerate(pairs) if not torch.equal(run_a["windows"][index_a[p]], run_b["windows"][n])]
         layers = len(run_a["hidden"])
-        per_pos = [[math.nan] * len(pos_a) for _ in range(layers)]
+        per_pos = [[math.nan] * len(pos_a) for _ in range(layers)]  # NaN: not aligned; 1.0: identical windows
+        for p, _ in pairs:
+            for layer in range(layers):
+                per_pos[layer][index_a[p]] = 1.0
         means = []
         for layer in range(layers):
             if not keep:
@@ -1305,7 +1314,8 @@ def summary_figure(results: dict, path: str | Path) -> Path:
         axes[0, 1].plot(xs, [h[j]["expected_steps"] for j in js], "_", ms=20, color="black",
                         label="steps to follow" if c == 0 else None)
         layers = results["models"][n]["layer_similarity"]
-        axes[1, 0].plot(range(len(layers)), [np.nan if v is None else v for v in layers], "-o", color=colour, label=f"{n}: to own source")
+        axes[1, 0].plot(range(len(layers)), [np.nan if v is None else v for v in layers], "-o", color=colour,
+                        label=f"{n}: to own source")
         other = results["models"][n]["layer_similarity_other_track"]
         if other:
             axes[1, 0].plot(range(len(other)), [np.nan if v is None else v for v in other], "--s", color=colour, alpha=0.6,
@@ -1392,8 +1402,9 @@ def markdown(results: dict) -> str:
                       _fmt(m["layer_similarity_other_track"][layer]) if m["layer_similarity_other_track"] else "–"]
         out.append(f"| {layer} | " + " | ".join(cells) + " |")
     out.append("\n| anchor attention per layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-    out.append("| mass | " + " | ".join(", ".join(f"{a:.3f}" for a in results["models"][n]["anchor_attention"]) for n in names) + " |")
-    out.append("| anchors' share of the window | " + " | ".join(_fmt(results["models"][n]["anchor_share"]) for n in names) + " |")
+    models = [results["models"][n] for n in names]
+    out.append("| mass | " + " | ".join(", ".join(f"{a:.3f}" for a in m["anchor_attention"]) for m in models) + " |")
+    out.append("| anchors' share of the window | " + " | ".join(_fmt(m["anchor_share"]) for m in models) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -1501,7 +1512,8 @@ def _with_config(cls: type, extra: dict[str, tuple[Any, Any]]):
     return wrap
 
 
-REDIS = (Optional[str], typer.Option(None, "--redis-url", envvar="OVERLAY_REDIS_URL", help="Redis URL; default: the embedded server."))
+REDIS = (Optional[str], typer.Option(None, "--redis-url", envvar="OVERLAY_REDIS_URL",
+                                     help="Redis URL; default: the embedded server."))
 
 
 def _library_command(data: Path = typer.Option(..., "--data", help="GSM8K JSONL file."),
@@ -1657,7 +1669,8 @@ def probe_node(library: str | None, model_dir: str | None, control_dir: str | No
     lib = load_library(path)
     name = (domain or "").strip() or os.environ.get(ENV_DOMAIN, "").strip() or infer_domain(model)
     table = SemanticTable(connect(redis_url), name)
-    out = Path(out_dir.strip()) if (out_dir or "").strip() else store.data_dir() / "reports" / time.strftime("probe-%Y%m%d-%H%M%S")
+    out = (Path(out_dir.strip()) if (out_dir or "").strip()
+           else store.data_dir() / "reports" / time.strftime("probe-%Y%m%d-%H%M%S"))
     results = probe_tracks(table, load_models(model, (control_dir or "").strip() or None), lib, out, config,
                            split=VariantSet.load(split.strip()) if (split or "").strip() else None)
     j = config.prefixes()[0]
