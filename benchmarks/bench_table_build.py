@@ -6,7 +6,7 @@ number in question and steps replaced by a seeded random number of the same leng
 but the text is GSM8K-like), ``--scale`` times as many chains. An entry is one (context, next token) member
 of a zset; memory is ``used_memory`` after minus before, divided by entries.
 
-    python benchmarks/bench_table_build.py --data ../shared/data/gsm8k/train.jsonl --scale 10 --variant-base 0
+    python benchmarks/bench_table_build.py --data ../shared/data/gsm8k/train.jsonl --scale 10
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=0, help="chains of the data file to use; 0 = all")
     p.add_argument("--scale", type=int, default=10, help="variants corpus = this many copies of each chain")
-    p.add_argument("--variant-base", type=int, default=750,
-                   help="chains the variants are made from (0 = all: the full 10x corpus, several minutes)")
+    p.add_argument("--variant-base", type=int, default=0,
+                   help="chains the variants are made from (0 = all of them: a corpus --scale times the data file)")
     p.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary")
     args = p.parse_args()
     common.write_json("table_build", run(args), not args.no_json)

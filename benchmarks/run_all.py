@@ -4,8 +4,9 @@ Each script runs as its own process (``python benchmarks/<script>.py``) with the
 shared ``--home`` (a temporary OVERLAY_HOME with its embedded Redis, removed at the end unless ``--home`` is
 given), so the table and the small selector are built once. GPU batch decoding runs only where CUDA is
 present (the script says so otherwise). Results land in ``benchmarks/results/<name>.json`` and a combined
-``summary.json``. Defaults finish in about 10–15 minutes on 2 CPU cores; ``--full`` runs the full-size
-settings (full 10× variant corpus, full GSM8K training set, more samples, the 4×256 shape too).
+``summary.json``. Defaults finish in about 10 minutes on 2 CPU cores; ``--full`` runs the full-size settings
+(decode with more samples and the 4×256 shape too, 50k neighbour lookups, training on all 7,473 chains for
+2,000 steps, 32 REST requests).
 
     python benchmarks/run_all.py --data ../shared/data/gsm8k/train.jsonl
     python benchmarks/run_all.py --full --only decode,table_build
@@ -27,7 +28,7 @@ import common
 SCRIPTS = {
     "decode": ("bench_decode.py", [], ["--shapes", "2x128,4x256", "--samples", "16", "--tokens", "64", "--repeats", "3"]),
     "neighbours": ("bench_neighbours.py", [], ["--contexts", "50000"]),
-    "table_build": ("bench_table_build.py", [], ["--variant-base", "0"]),
+    "table_build": ("bench_table_build.py", [], ["--scale", "10"]),
     "train": ("bench_train.py", [], ["--chains", "7473", "--steps", "2000", "--eval-every", "200", "--target", "0.5"]),
     "gpu": ("bench_gpu.py", [], ["--tokens", "256"]),
     "rest": ("bench_rest.py", [], ["--requests", "32"]),

@@ -29,69 +29,6 @@ TAG_IDS = frozenset(IDS.values())
 META = "\u2581"
 
 
-class _FastSelector:
-    """SelectorModel's candidate scoring written out for decoding: the same weights and the same math,
-    without module-call overhead or mask building, and the last block computes only the last position (the
-    only one scored). Used for windows without PAD on a plain SelectorModel in eval mode; anything else
-    (adapters, HF causal LMs, padded windows) goes through ``model.score``.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        cfg = model.config
-        self.model = model
-        self.n_embd, self.n_head, self.window, self.pad = cfg.n_embd, cfg.n_head, cfg.window, cfg.pad_token_id
-        self.wte, self.wpe, self.out = model.wte.weight, model.wpe.weight, model.output_weight
-        self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
-        self.blocks = [((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.weight, b.attn.c_attn.bias,
-                        b.attn.c_proj.weight, b.attn.c_proj.bias, (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
-                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
-        # (parent's module dict, name, module) for every module read here: adapters swap modules in place
-        parents = [(model, "wte"), (model, "wpe"), (model, "ln_f")] + [
-            (m, n) for b in model.h for m, names in ((b, ("ln_1", "ln_2")), (b.attn, ("c_attn", "c_proj")),
-                                                      (b.mlp, ("c_fc", "c_proj"))) for n in names]
-        self.slots = [(m._modules, n, m._modules[n]) for m, n in parents]
-
-    @classmethod
-    def build(cls, model: torch.nn.Module | None) -> _FastSelector | None:
-        """The fast path for ``model`` when it is a plain SelectorModel, else None."""
-        from torch import nn
-
-        from overlay.selector import SelectorModel
-
-        if type(model) is not SelectorModel:
-            return None
-        plain = all(type(b.attn.c_attn) is nn.Linear and type(b.attn.c_proj) is nn.Linear and type(b.mlp.c_fc) is nn.Linear
-                    and type(b.mlp.c_proj) is nn.Linear and type(b.ln_1) is nn.LayerNorm and type(b.ln_2) is nn.LayerNorm
-                    for b in model.h)
-        return cls(model) if plain and type(model.wte) is nn.Embedding and type(model.ln_f) is nn.LayerNorm else None
-
-    def usable(self, model: torch.nn.Module | None) -> bool:
-        """Still the same model, in eval mode, with none of its modules replaced since this was built."""
-        return model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
-
-    def __call__(self, windows: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
-        """Candidate logits [B,K] for full, PAD-free windows [B,k] and candidates [B,K] (PAD candidates masked)."""
-        F = torch.nn.functional
-        b, t = windows.shape
-        c, h = self.n_embd, self.n_head
-        with torch.inference_mode():
-            x = F.embedding(windows, self.wte) + self.wpe[self.window - t:]
-            last = len(self.blocks) - 1
-            for i, (ln1, attn_w, attn_b, proj_w, proj_b, ln2, fc_w, fc_b, out_w, out_b) in enumerate(self.blocks):
-                qkv = F.linear(F.layer_norm(x, (c,), *ln1), attn_w, attn_b)
-                q, k, v = qkv.view(b, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
-                if i < last:
-                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
-                    x = x + F.linear(y, proj_w, proj_b)
-                else:  # only the last position is scored: it attends to the whole window
-                    y = F.scaled_dot_product_attention(q[:, :, -1:], k, v).reshape(b, c)
-                    x = x[:, -1] + F.linear(y, proj_w, proj_b)
-                x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (c,), *ln2), fc_w, fc_b)), out_w, out_b)
-            final = F.layer_norm(x, (c,), *self.ln_f)
-            logits = torch.bmm(self.out[cands].to(final.dtype), final.unsqueeze(-1)).squeeze(-1)
-            return logits.masked_fill(cands == self.pad, torch.finfo(logits.dtype).min)
-
-
 @dataclass
 class DecodeConfig:
     """How one chain is decoded; every field has a default so nodes and the CLI can pass a subset."""
@@ -279,10 +216,13 @@ class OverlayDecoder:
         cands = torch.tensor([nb.ids + [0] * (kmax - n) for nb, n in zip(neighbours, lengths)], dtype=torch.long)
         owner, fast = self.__dict__.get("_fast", (None, None))
         if owner is not self.model or (fast is not None and not fast.usable(self.model)):
-            fast = _FastSelector.build(self.model)
+            from overlay.selector import FastScorer  # transformers loads only when a model decodes
+
+            fast = FastScorer.build(self.model)
             self.__dict__["_fast"] = (self.model, fast)
         if fast is not None and full and not any(fast.pad in r for r in rows):
-            logits = fast(windows.to(self.device), cands.to(self.device))
+            has_pad = any(n < kmax or fast.pad in nb.ids for nb, n in zip(neighbours, lengths))
+            logits = fast(windows.to(self.device), cands.to(self.device), has_pad)
         else:
             with torch.inference_mode():
                 logits = self.model.score(windows.to(self.device), cands.to(self.device))

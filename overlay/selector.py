@@ -285,6 +285,93 @@ class SelectorModel(PreTrainedModel):
             return last @ self.output_weight.T
 
 
+class FastScorer:
+    """``SelectorModel.score`` written out for decoding: the same weights and math without module-call
+    overhead or mask building. The first block's layer norm and QKV projection depend only on (token, window
+    slot), so they are a precomputed table read by index; the last block computes only the last position (the
+    only one scored). Used for PAD-free windows of a plain SelectorModel in eval mode; anything else
+    (adapters, HF causal LMs, padded windows) goes through ``model.score``.
+    """
+
+    table_limit_bytes = 64 * 2**20
+
+    def __init__(self, model: SelectorModel) -> None:
+        cfg = model.config
+        self.model = model
+        self.n_embd, self.n_head, self.window, self.pad = cfg.n_embd, cfg.n_head, cfg.window, cfg.pad_token_id
+        self.wte, self.wpe, self.out = model.wte.weight, model.wpe.weight, model.output_weight
+        self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+        self.blocks = [((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.weight, b.attn.c_attn.bias,
+                        b.attn.c_proj.weight, b.attn.c_proj.bias, (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
+                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
+        # (parent's module dict, name, module) for every module read here: adapters swap modules in place
+        parents = [(model, "wte"), (model, "wpe"), (model, "ln_f")] + [
+            (m, n) for b in model.h for m, names in ((b, ("ln_1", "ln_2")), (b.attn, ("c_attn", "c_proj")),
+                                                      (b.mlp, ("c_fc", "c_proj"))) for n in names]
+        self.slots = [(m._modules, n, m._modules[n]) for m, n in parents]
+        first = self.blocks[0]
+        self.table_params = (self.wte, self.wpe, *first[0][:2], first[1], first[2])
+        self.versions = self._versions()
+        self.qkv0 = self._qkv_table() if self.table_bytes(cfg) <= self.table_limit_bytes else None
+        self.slot_index = torch.arange(self.window, device=self.wte.device)
+
+    @classmethod
+    def table_bytes(cls, cfg: SelectorConfig) -> int:
+        """Size of the first block's (token, slot) → QKV table in float32."""
+        return cfg.vocab_size * cfg.window * 3 * cfg.n_embd * 4
+
+    @classmethod
+    def build(cls, model: nn.Module | None) -> FastScorer | None:
+        """The fast path for ``model`` when it is a plain SelectorModel, else None."""
+        if type(model) is not SelectorModel:
+            return None
+        plain = all(type(b.attn.c_attn) is nn.Linear and type(b.attn.c_proj) is nn.Linear and type(b.mlp.c_fc) is nn.Linear
+                    and type(b.mlp.c_proj) is nn.Linear and type(b.ln_1) is nn.LayerNorm and type(b.ln_2) is nn.LayerNorm
+                    for b in model.h)
+        return cls(model) if plain and type(model.wte) is nn.Embedding and type(model.ln_f) is nn.LayerNorm else None
+
+    def _versions(self) -> tuple[int, ...]:
+        """In-place modification counters of the weights the precomputed table is made from."""
+        return tuple(p._version for p in self.table_params)
+
+    def _qkv_table(self) -> torch.Tensor:
+        """[V, k, 3d]: the first block's QKV projection of token embedding + slot embedding, after its layer norm."""
+        ln1, attn_w, attn_b = self.blocks[0][:3]
+        with torch.inference_mode():
+            x = self.wte[:, None, :] + self.wpe[None, : self.window, :]
+            return F.linear(F.layer_norm(x, (self.n_embd,), *ln1), attn_w, attn_b).contiguous()
+
+    def usable(self, model: nn.Module | None) -> bool:
+        """Still the same model, in eval mode, with none of its modules replaced or table weights changed."""
+        return (model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
+                and self._versions() == self.versions)
+
+    def __call__(self, windows: torch.Tensor, cands: torch.Tensor, has_pad: bool = True) -> torch.Tensor:
+        """Candidate logits [B,K] for full, PAD-free windows [B,k] and candidates [B,K]; PAD candidates are masked
+        as ``model.score`` does (``has_pad=False`` says there are none, which saves the masking)."""
+        b, t = windows.shape
+        c, h = self.n_embd, self.n_head
+        with torch.inference_mode():
+            x = F.embedding(windows, self.wte) + self.wpe[self.window - t:]
+            last = len(self.blocks) - 1
+            for i, (ln1, attn_w, attn_b, proj_w, proj_b, ln2, fc_w, fc_b, out_w, out_b) in enumerate(self.blocks):
+                if i == 0 and self.qkv0 is not None:
+                    qkv = self.qkv0[windows, self.slot_index[self.window - t:]]
+                else:
+                    qkv = F.linear(F.layer_norm(x, (c,), *ln1), attn_w, attn_b)
+                q, k, v = qkv.view(b, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
+                if i < last:
+                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+                    x = x + F.linear(y, proj_w, proj_b)
+                else:  # only the last position is scored: it attends to the whole window
+                    y = F.scaled_dot_product_attention(q[:, :, -1:], k, v).reshape(b, c)
+                    x = x[:, -1] + F.linear(y, proj_w, proj_b)
+                x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (c,), *ln2), fc_w, fc_b)), out_w, out_b)
+            final = F.layer_norm(x, (c,), *self.ln_f)
+            logits = torch.bmm(F.embedding(cands, self.out).to(final.dtype), final.unsqueeze(-1)).squeeze(-1)
+            return logits.masked_fill(cands == self.pad, torch.finfo(logits.dtype).min) if has_pad else logits
+
+
 class HFCausalSelector(nn.Module):
     """A user's local Hugging Face causal LM used as the selector, scoring candidates the same way."""
 

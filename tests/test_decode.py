@@ -131,24 +131,3 @@ def test_table_only_decoding(parts):
     assert result.tokens > 0 and result.trace["steps"][0]["chosen_rank"] == 0
 
 
-def test_fast_selector_path_matches_model_score(parts):
-    """The decoder's written-out selector forward scores like model.score, and steps down for other models."""
-    import torch
-
-    from overlay.decode import _FastSelector
-
-    _, model, _ = parts
-    fast = _FastSelector.build(model)
-    assert fast is not None and fast.usable(model)
-    windows = torch.randint(10, model.config.vocab_size, (3, model.config.window))
-    cands = torch.randint(10, model.config.vocab_size, (3, 16))
-    cands[0, -2:] = 0
-    want, got = model.score(windows, cands), fast(windows, cands)
-    assert torch.allclose(got[:, :-2], want[:, :-2], atol=1e-5)
-    assert (got[0, -2:] == want[0, -2:]).all()
-    assert _FastSelector.build(None) is None and _FastSelector.build(torch.nn.Linear(2, 2)) is None
-    model.train()
-    try:
-        assert not fast.usable(model)
-    finally:
-        model.eval()

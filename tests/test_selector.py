@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel, Pre
 
 from overlay.chains import SPECIAL_TOKENS
 from overlay.selector import (
+    FastScorer,
     HFCausalSelector,
     SelectorConfig,
     SelectorModel,
@@ -113,6 +114,43 @@ def test_bad_inputs_raise(model):
         model(windows, labels=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="window length 9"):
         model(torch.ones(1, 9, dtype=torch.long), cands[:1])
+
+
+@pytest.mark.parametrize("with_table", [True, False])
+def test_fast_scorer_matches_model_score(model, with_table, monkeypatch):
+    """The decode path's written-out forward scores like model.score, with or without the first-block table."""
+    if not with_table:
+        monkeypatch.setattr(FastScorer, "table_limit_bytes", 0)
+    fast = FastScorer.build(model)
+    assert fast is not None and fast.usable(model) and (fast.qkv0 is not None) is with_table
+    windows = torch.randint(10, V, (3, model.config.window))
+    cands = torch.randint(10, V, (3, 16))
+    cands[0, -2:] = 0
+    want, got = model.score(windows, cands), fast(windows, cands)
+    assert torch.allclose(got[:, :-2], want[:, :-2], atol=1e-5)
+    assert (got[0, -2:] == want[0, -2:]).all()
+    short = windows[:, 3:]
+    assert torch.allclose(fast(short, cands[:, :-2], has_pad=False), model.score(short, cands[:, :-2]), atol=1e-5)
+
+
+def test_fast_scorer_steps_down_when_the_model_changes(model):
+    """Other model types get no fast path; training mode, swapped modules or changed weights make it stale."""
+    assert FastScorer.build(None) is None and FastScorer.build(torch.nn.Linear(2, 2)) is None
+    copy = SelectorModel(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    fast = FastScorer.build(copy)
+    copy.train()
+    assert not fast.usable(copy)
+    copy.eval()
+    assert fast.usable(copy)
+    with torch.no_grad():
+        copy.wpe.weight.add_(0.1)
+    assert not fast.usable(copy)
+    fresh = FastScorer.build(copy)
+    windows, cands = torch.randint(10, V, (2, 8)), torch.randint(10, V, (2, K))
+    assert torch.allclose(fresh(windows, cands), copy.score(windows, cands), atol=1e-5)
+    copy.h[0].attn.c_attn = torch.nn.Linear(32, 96)
+    assert not fresh.usable(copy) and FastScorer.build(copy) is not None
 
 
 def test_save_load_gives_identical_scores(model, tmp_path):
