@@ -161,7 +161,7 @@ class OverlayDecoder:
         event = state.router.feed(text, is_tag=is_tag)
         out = None
         if event is not None and event.inject_text:
-            out = encode(self.tokenizer, event.inject_text)
+            out = encode(self.tokenizer, event.inject_text + " ")  # chains in training end a result with a space
             if out and out[0] == IDS[RESULT] and token == IDS[RESULT]:
                 out = out[1:]
         if prof is not None:

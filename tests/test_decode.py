@@ -91,6 +91,17 @@ def test_redis_lost_mid_chain_keeps_state_and_resumes(parts, tmp_path):
         server.shutdown()
 
 
+def test_injected_result_is_tokenised_as_in_training_chains(parts):
+    """A tool result is followed by the space token, exactly as `<RESULT> 24 <THOUGHT>` is in training text."""
+    dec = decoder(parts)
+    _, _, tok = parts
+    state = dec._new_state(QUESTIONS[0])
+    for t in encode(tok, "<ACTION> CALL calc(48/2) <RESULT>"):
+        dec._emit(state, t, injected=False)
+    want = encode(tok, "<ACTION> CALL calc(48/2) <RESULT> 24 <THOUGHT>")[:-1]
+    assert state.ids[state.prompt_len:] == want
+
+
 def test_bad_tool_calls_are_recorded_and_the_chain_goes_on(parts):
     dec = decoder(parts)
     _, _, tok = parts
