@@ -4,9 +4,9 @@ Each script runs as its own process (``python benchmarks/<script>.py``) with the
 shared ``--home`` (a temporary OVERLAY_HOME with its embedded Redis, removed at the end unless ``--home`` is
 given), so the table and the small selector are built once. GPU batch decoding runs only where CUDA is
 present (the script says so otherwise). Results land in ``benchmarks/results/<name>.json`` and a combined
-``summary.json``. Defaults finish in about 10 minutes on 2 CPU cores; ``--full`` runs the full-size settings
-(decode with more samples and the 4×256 shape too, 50k neighbour lookups, training on all 7,473 chains for
-2,000 steps, 32 REST requests).
+``summary.json``, and all of it as Markdown in ``summary.md`` (``report.py``). Defaults finish in about
+10 minutes on 2 CPU cores; ``--full`` runs the full-size settings (decode with more samples, 50k neighbour
+lookups, training on all 7,473 chains for 2,000 steps, 32 REST requests).
 
     python benchmarks/run_all.py --data ../shared/data/gsm8k/train.jsonl
     python benchmarks/run_all.py --full --only decode,table_build
@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import common
+import report
 
 SCRIPTS = {
-    "decode": ("bench_decode.py", [], ["--shapes", "2x128,4x256", "--samples", "16", "--tokens", "64", "--repeats", "3"]),
+    "decode": ("bench_decode.py", ["--shapes", "2x128,4x256"], ["--shapes", "2x128,4x256", "--samples", "16", "--tokens", "64", "--repeats", "3"]),
     "neighbours": ("bench_neighbours.py", [], ["--contexts", "50000"]),
     "table_build": ("bench_table_build.py", [], ["--scale", "10"]),
     "train": ("bench_train.py", [], ["--chains", "7473", "--steps", "2000", "--eval-every", "200", "--target", "0.5"]),
@@ -87,7 +88,8 @@ def main() -> None:
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     (common.RESULTS / "summary.json").write_text(json.dumps({"machine": common.machine(), "full": args.full,
                                                              "benchmarks": status}, indent=2))
-    print("\n=== summary")
+    (common.RESULTS / "summary.md").write_text(report.render())
+    print(f"\n=== summary (Markdown of every result: {common.RESULTS / 'summary.md'})")
     for name, s in status.items():
         print(f"{name:12s} rc={s['rc']} {s['seconds']:7.1f} s  {s['headline']}")
     sys.exit(1 if any(s["rc"] for s in status.values()) else 0)
