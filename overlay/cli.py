@@ -16,10 +16,9 @@ from rich.table import Table
 from overlay import store
 from overlay import table as tbl
 from overlay.cliutil import dataclass_params
-from overlay.dataset import DatasetConfig
+from overlay.configs import DatasetConfig, TrainConfig
 from overlay.flows import flows_app
 from overlay.probe import probe_app
-from overlay.train import TrainConfig
 
 app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True)
 table_app = typer.Typer(help="Build, inspect and drop semantic-weight tables.", no_args_is_help=True)

@@ -7,7 +7,7 @@ import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from overlay.configs import DISTRACTORS, DatasetConfig
 from overlay.chains import ACTION, ANSWER, CHECK, EOS, PAD, RESULT, SPECIAL_TOKENS, THOUGHT, Chain
 from overlay.table import SemanticTable
 from overlay.tokenizer import encode, save_tokenizer, tokenizer_hash
@@ -27,44 +28,8 @@ STEP_TAG_IDS = frozenset(SPECIAL_TOKENS.index(t) for t in (THOUGHT, ACTION, RESU
 TAG_CODES = {SPECIAL_TOKENS.index(t): code for t, code in ((THOUGHT, 1), (ACTION, 2), (CHECK, 3), (ANSWER, 4))}
 TAG_NAMES = {0: "NONE", 1: "THOUGHT", 2: "ACTION", 3: "CHECK", 4: "ANSWER"}
 MISSING_WEIGHT = -30.0
-DISTRACTORS = ("table", "frequency", "cluster")
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
-
-
-@dataclass
-class DatasetConfig:
-    """How chains are cut into rows (one config per entry point, TRL style; the CLI is built from it)."""
-
-    window: int = field(default=8, metadata={
-        "help": "k: how many previous tokens the selector reads (left-padded with <PAD>=0)."})
-    candidates: int = field(default=32, metadata={
-        "help": "K: candidates per row (the table's neighbours, true token included)."})
-    distractors: str = field(default="table", metadata={
-        "help": "How to fill rows the table cannot fill to K (it returned fewer, i.e. it knows fewer tokens): "
-                "'table' (uniform over the tokens it never saw), 'frequency' (sample by unigram frequency in the "
-                "chains) or 'cluster' (tokens frequent in other step types than the target's)."})
-    shard_rows: int = field(default=100_000, metadata={"help": "Rows per Parquet shard (memory stays bounded by this)."})
-    seed: int = field(default=0, metadata={"help": "Seed for the train/dev split and distractor sampling."})
-    dev_fraction: float = field(default=0.05, metadata={"help": "Fraction of chains (by chain id) put in the dev split."})
-    batch: int = field(default=512, metadata={"help": "Contexts per GetNeighbours pipeline round trip."})
-    cache_contexts: int = field(default=100_000, metadata={
-        "help": "Distinct table contexts whose neighbours are kept in memory (contexts repeat across chains)."})
-
-    def __post_init__(self) -> None:
-        """Reject settings that cannot make a usable dataset before any work is done."""
-        if self.window < 1:
-            raise ValueError(f"window k must be ≥ 1, got {self.window}")
-        if not 2 <= self.candidates <= np.iinfo(np.int16).max:
-            raise ValueError(f"candidates K must be ≥ 2 (the target and at least one distractor) and fit the int16 "
-                             f"label, got {self.candidates}")
-        if self.distractors not in DISTRACTORS:
-            raise ValueError(f"distractors must be one of {DISTRACTORS}, got {self.distractors!r}")
-        if self.shard_rows < 1 or self.batch < 1 or self.cache_contexts < 0:
-            raise ValueError(f"shard_rows and batch must be ≥ 1 and cache_contexts ≥ 0, got "
-                             f"{self.shard_rows}, {self.batch}, {self.cache_contexts}")
-        if not 0.0 <= self.dev_fraction < 1.0:
-            raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
 
 
 @dataclass
