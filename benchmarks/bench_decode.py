@@ -45,12 +45,12 @@ def forced_stream(data: Path, tokenizer, length: int) -> tuple[list[str], list[i
 
 def overlay_state(decoder, question: str, stream: list[int], offset: int, position: int):
     """A decoder state whose chain already holds ``position`` generated tokens (forced from ``stream``)."""
-    state = decoder._new_state(question)
+    state = decoder.new_state(question)
     start = offset % max(1, len(stream) - position)
     for t in stream[start:]:
         if len(state.ids) - state.prompt_len >= position:
             break
-        decoder._emit(state, t, injected=True)
+        decoder.force(state, [t])
     return state
 
 
@@ -61,7 +61,7 @@ def time_overlay(decoder, state, tokens: int, warmup: int = 2) -> list[float]:
         if state.acc.stop_reason:
             break
         start = time.perf_counter()
-        decoder._step([state])
+        decoder.step([state])
         if i >= warmup:
             out.append(time.perf_counter() - start)
     return out
@@ -75,7 +75,7 @@ def stage_samples(decoder, state, tokens: int, warmup: int = 2) -> list[dict[str
             break
         decoder.stage_seconds.clear()
         start = time.perf_counter()
-        decoder._step([state])
+        decoder.step([state])
         total = time.perf_counter() - start
         if i >= warmup:
             out.append(dict(decoder.stage_seconds) | {"total": total})

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from overlay.accumulator import ScoreAccumulator, SessionStore, TraceStep
-from overlay.chains import BOS, EOS, PAD, Q, RESULT, SPECIAL_TOKENS, UNK, Chain
+from overlay.chains import BOS, EOS, PAD, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, UNK, Chain
 from overlay.router import Router
 from overlay.table import SemanticTable
 from overlay.tokenizer import encode
@@ -26,6 +26,7 @@ from overlay.tokenizer import encode
 IDS = {tag: i for i, tag in enumerate(SPECIAL_TOKENS)}
 NEVER = frozenset(IDS[t] for t in (PAD, UNK, BOS, Q))
 TAG_IDS = frozenset(IDS.values())
+STEP_TAG_IDS = frozenset(IDS[t] for t in STEP_TAGS)
 META = "\u2581"
 
 
@@ -89,8 +90,8 @@ class DecodeResult:
 
 
 @dataclass
-class _State:
-    """One chain in flight: token ids, the question's length, router and accumulator."""
+class DecodeState:
+    """One chain in flight: token ids, the prompt's length, router and accumulator (JSON round trip for sessions)."""
 
     question: str
     ids: list[int]
@@ -104,7 +105,7 @@ class _State:
                 "router": self.router.to_dict(), "accumulator": self.acc.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> _State:
+    def from_dict(cls, data: dict[str, Any]) -> DecodeState:
         return cls(data["question"], list(data["ids"]), int(data["prompt_len"]), Router.from_dict(data["router"]),
                    ScoreAccumulator.from_dict(data["accumulator"]), float(data.get("elapsed", 0.0)))
 
@@ -141,11 +142,29 @@ class OverlayDecoder:
             raise ValueError(f"the question has {len(question)} characters; the limit is {self.config.max_question_chars}")
         return encode(self.tokenizer, f"{Q} {question} ")
 
-    def _new_state(self, question: str) -> _State:
+    def new_state(self, question: str) -> DecodeState:
+        """A chain holding only the prompt ``<Q> question``; ``step`` extends it."""
         ids = self._prompt(question)
-        return _State(" ".join(question.split()), ids, len(ids), Router(sep=""))
+        return DecodeState(" ".join(question.split()), ids, len(ids), Router(sep=""))
 
-    def _emit(self, state: _State, token: int, *, injected: bool, cands: list[int] | None = None, rank: int = 0,
+    def state_from_prefix(self, prefix: str, question: str | None = None) -> DecodeState:
+        """A chain that starts from chain text ``<Q> question <THOUGHT> …`` (encoded as given): the steps after the
+        question are routed (so an open ACTION or CHECK is known) but not traced; decoding continues after it."""
+        if not prefix.strip().startswith(Q):
+            raise ValueError(f"a chain prefix starts with {Q}, got {prefix.strip()[:30]!r}")
+        ids = encode(self.tokenizer, prefix)
+        state = DecodeState(question or prefix.split(Q, 1)[1].split("<")[0].strip(), ids, len(ids), Router(sep=""))
+        first = next((i for i, t in enumerate(ids) if t in STEP_TAG_IDS), len(ids))
+        for t in ids[first:]:
+            state.router.feed(self.texts[t], is_tag=t in TAG_IDS)
+        return state
+
+    def force(self, state: DecodeState, ids: list[int]) -> None:
+        """Append tokens chosen elsewhere (a forced or replayed chain), traced as injected and routed as usual."""
+        for t in ids:
+            self._emit(state, t, injected=True)
+
+    def _emit(self, state: DecodeState, token: int, *, injected: bool, cands: list[int] | None = None, rank: int = 0,
               score: float = 0.0, margin: float = 0.0, weight: float = 0.0, order: int = 0) -> None:
         """Append one token to the chain, trace it, route it, and inject tool output when asked."""
         prof = self.stage_seconds
@@ -180,7 +199,7 @@ class OverlayDecoder:
         rng = random.Random(self.config.seed * 1_000_003 + position)
         return int(rng.choices(keep.tolist(), weights=probs[keep].tolist())[0])
 
-    def _penalty(self, state: _State, cands: list[int]) -> torch.Tensor | None:
+    def _penalty(self, state: DecodeState, cands: list[int]) -> torch.Tensor | None:
         """Repetition cost per candidate: ln(penalty) × its uses among the recent generated words.
 
         Only word tokens count (digits, operators and tags repeat legitimately, e.g. a CHECK restating an
@@ -196,14 +215,14 @@ class OverlayDecoder:
         counts = [recent.count(c) if c in present else 0 for c in cands]
         return torch.tensor(counts, dtype=torch.float) * self.rep_cost
 
-    def _allowed(self, state: _State, cands: list[int]) -> list[bool]:
+    def _allowed(self, state: DecodeState, cands: list[int]) -> list[bool]:
         """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION."""
         if state.router.current_tag == "ACTION":
             return [c not in NEVER for c in cands]
         result = IDS[RESULT]
         return [c not in NEVER and c != result for c in cands]
 
-    def _scores(self, states: list[_State], neighbours: list) -> list[torch.Tensor]:
+    def _scores(self, states: list[DecodeState], neighbours: list) -> list[torch.Tensor]:
         """Log-probabilities over each chain's candidates: selector softmax (+ mix × table weight)."""
         if self.model is None:
             return [torch.tensor(nb.weights) for nb in neighbours]
@@ -235,7 +254,7 @@ class OverlayDecoder:
             out.append(logp)
         return out
 
-    def _step(self, states: list[_State]) -> None:
+    def step(self, states: list[DecodeState]) -> None:
         """One token for every chain in ``states``: one pipelined lookup and one batched selector forward."""
         prof = self.stage_seconds
         t0 = time.perf_counter() if prof is not None else 0.0
@@ -281,7 +300,7 @@ class OverlayDecoder:
                 prof["stop_rules"] += t1 - t0
                 t0 = t1
 
-    def _check_stop(self, state: _State) -> None:
+    def _check_stop(self, state: DecodeState) -> None:
         """Stop at <EOS>, at the end of the ANSWER step, at the token limit, or by the accumulator's rule."""
         acc, router = state.acc, state.router
         if acc.stop_reason:
@@ -304,7 +323,8 @@ class OverlayDecoder:
         last = router.steps[-1]
         return sum(1 for s in router.steps if s.tag == last.tag and s.text == last.text)
 
-    def _result(self, state: _State, session_id: str | None) -> DecodeResult:
+    def result(self, state: DecodeState, session_id: str | None = None) -> DecodeResult:
+        """The chain decoded so far as a DecodeResult (text, answer, steps, verdicts, tool calls, trace)."""
         r = state.router
         text = "".join(self.texts[t] for t in state.ids)
         return DecodeResult(
@@ -315,7 +335,7 @@ class OverlayDecoder:
             tokens=len(state.ids) - state.prompt_len, seconds=state.elapsed, session_id=session_id,
         )
 
-    def _save(self, session_id: str | None, state: _State) -> None:
+    def _save(self, session_id: str | None, state: DecodeState) -> None:
         if session_id and self.sessions is not None:
             self.sessions.save(session_id, state.to_dict(), ttl_s=self.config.session_ttl_s)
 
@@ -329,16 +349,16 @@ class OverlayDecoder:
         if session_id and self.sessions is not None:
             saved = self.sessions.load(session_id)
             if saved is not None:
-                state = _State.from_dict(saved)
+                state = DecodeState.from_dict(saved)
                 if question and " ".join(question.split()) != state.question:
                     raise ValueError(f"session {session_id!r} belongs to another question: {state.question[:60]!r}")
         if state is None:
-            state = self._new_state(question)
+            state = self.new_state(question)
         start = time.perf_counter()
         budget = max_new_tokens if max_new_tokens is not None else self.config.max_tokens
         made = 0
         while not state.acc.stop_reason and made < budget:
-            self._step([state])
+            self.step([state])
             made += 1
             if session_id and made % self.config.save_every == 0:
                 state.elapsed += time.perf_counter() - start
@@ -346,20 +366,20 @@ class OverlayDecoder:
                 self._save(session_id, state)
         state.elapsed += time.perf_counter() - start
         self._save(session_id, state)
-        return self._result(state, session_id)
+        return self.result(state, session_id)
 
     def generate_batch(self, questions: list[str]) -> list[DecodeResult]:
         """Decode many questions at once: one pipelined lookup and one batched forward per token position."""
-        states = [self._new_state(q) for q in questions]
+        states = [self.new_state(q) for q in questions]
         start = time.perf_counter()
         active = list(states)
         while active:
-            self._step(active)
+            self.step(active)
             active = [s for s in active if not s.acc.stop_reason]
         elapsed = time.perf_counter() - start
         for s in states:
             s.elapsed = elapsed / len(states)
-        return [self._result(s, None) for s in states]
+        return [self.result(s, None) for s in states]
 
 
 @functools.lru_cache(maxsize=8)

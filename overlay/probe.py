@@ -769,28 +769,20 @@ class Entry:
 def follow_tracks(decoder, variants: list[Variant], words: dict[str, frozenset[str]], j: int, m: int,
                   extra_tokens: int = 12) -> list[Entry]:
     """Decode every variant greedily from its prefix (question + first j steps), batched, each chain stopping as
-    soon as a finished step leaves the track, at its end, or after its expected length + extra_tokens.
-
-    Uses the decoder's internals (``_State``, ``_step``) to start from a prefix; see ``continue_from``."""
-    from overlay.decode import TAG_IDS, _State
-    from overlay.router import Router
+    soon as a finished step leaves the track, at its end, or after its expected length + extra_tokens."""
+    from overlay.decode import TAG_IDS
     from overlay.tokenizer import encode
 
     tok, texts = decoder.tokenizer, decoder.texts
     states, plans = [], []
     for v in variants:
         prefix, expected, used = split_chain(v.chain, j)
-        ids = encode(tok, prefix)
-        state = _State(v.chain.question, ids, len(ids), Router(sep=""))
-        first = next((i for i, t in enumerate(ids) if t in STEP_IDS), len(ids))
-        for t in ids[first:]:
-            state.router.feed(texts[t], is_tag=t in TAG_IDS)
-        states.append(state)
+        states.append(decoder.state_from_prefix(prefix, v.chain.question))
         plans.append((prefix, expected, used, len(encode(tok, expected)) + extra_tokens, words.get(v.track, frozenset())))
     active = list(range(len(states)))
     while active:
         before = [len(states[i].ids) for i in active]
-        decoder._step([states[i] for i in active])
+        decoder.step([states[i] for i in active])
         still = []
         for i, n in zip(active, before):
             s, (_, expected, _, budget, w) = states[i], plans[i]
@@ -828,22 +820,15 @@ def follow_tracks(decoder, variants: list[Variant], words: dict[str, frozenset[s
 def continue_from(decoder, prefix: str, max_new_tokens: int = 256):
     """Greedy (per the decoder's config) continuation of a chain prefix ``<Q> question <THOUGHT> ...``: the
     decoder's loop started from arbitrary chain text; returns the decoder's DecodeResult for the whole chain."""
-    from overlay.decode import TAG_IDS, _State
-    from overlay.router import Router
-    from overlay.tokenizer import encode
-
-    if not prefix.strip().startswith(Q):
-        raise ProbeError(f"a prefix starts with {Q}, got {prefix.strip()[:30]!r}")
-    ids = encode(decoder.tokenizer, prefix.rstrip() + " ")
-    state = _State(prefix.split(Q, 1)[1].split("<")[0].strip(), ids, len(ids), Router(sep=""))
-    first = next((i for i, t in enumerate(ids) if t in STEP_IDS), len(ids))
-    for t in ids[first:]:
-        state.router.feed(decoder.texts[t], is_tag=t in TAG_IDS)
+    try:
+        state = decoder.state_from_prefix(prefix.rstrip() + " ")
+    except ValueError as exc:
+        raise ProbeError(str(exc)) from exc
     start = time.perf_counter()
     while not state.acc.stop_reason and len(state.ids) - state.prompt_len < max_new_tokens:
-        decoder._step([state])
+        decoder.step([state])
     state.elapsed = time.perf_counter() - start
-    return decoder._result(state, None)
+    return decoder.result(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

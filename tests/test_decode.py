@@ -49,10 +49,10 @@ def test_end_to_end_trace_is_consistent(parts):
 def test_per_token_work_sees_only_the_window(parts):
     """The next token depends on the last k tokens only: a long history changes nothing."""
     dec = decoder(parts)
-    short = dec._new_state(QUESTIONS[0])
-    long = dec._new_state(QUESTIONS[1] + " " + QUESTIONS[2] + " " + QUESTIONS[0])
-    dec._step([short])
-    dec._step([long])
+    short = dec.new_state(QUESTIONS[0])
+    long = dec.new_state(QUESTIONS[1] + " " + QUESTIONS[2] + " " + QUESTIONS[0])
+    dec.step([short])
+    dec.step([long])
     assert short.ids[-1] == long.ids[-1]
     assert short.acc.steps[-1].candidates == long.acc.steps[-1].candidates
 
@@ -95,11 +95,26 @@ def test_injected_result_is_tokenised_as_in_training_chains(parts):
     """A tool result is followed by the space token, exactly as `<RESULT> 24 <THOUGHT>` is in training text."""
     dec = decoder(parts)
     _, _, tok = parts
-    state = dec._new_state(QUESTIONS[0])
+    state = dec.new_state(QUESTIONS[0])
     for t in encode(tok, "<ACTION> CALL calc(48/2) <RESULT>"):
         dec._emit(state, t, injected=False)
     want = encode(tok, "<ACTION> CALL calc(48/2) <RESULT> 24 <THOUGHT>")[:-1]
     assert state.ids[state.prompt_len:] == want
+
+
+def test_state_from_prefix_continues_a_chain_text(parts):
+    """A chain text prefix is routed (the open ACTION is known), decoding goes on after it, and bad prefixes fail."""
+    dec = decoder(parts)
+    state = dec.state_from_prefix(f"<Q> {QUESTIONS[0]} <ACTION> CALL calc(48/2")
+    assert state.question == QUESTIONS[0] and state.router.current_tag == "ACTION"
+    assert state.prompt_len == len(state.ids) and not state.acc.steps
+    dec.force(state, encode(parts[2], ") <RESULT>"))
+    assert state.router.tool_calls[-1].ok and state.router.tool_calls[-1].output == "24"
+    assert all(step.injected for step in state.acc.steps)
+    dec.step([state])
+    assert dec.result(state).tokens == len(state.acc.steps) > 0
+    with pytest.raises(ValueError, match="starts with <Q>"):
+        dec.state_from_prefix("<THOUGHT> no question")
 
 
 def test_bad_tool_calls_are_recorded_and_the_chain_goes_on(parts):
@@ -107,7 +122,7 @@ def test_bad_tool_calls_are_recorded_and_the_chain_goes_on(parts):
     _, _, tok = parts
     for call, error in [("9**9**9**9", "exponent"), ("__import__('os')", "calc:"), ("1/0", "zero"),
                         ("1+" * 5000 + "1", "long"), ("", "")]:
-        state = dec._new_state(QUESTIONS[0])
+        state = dec.new_state(QUESTIONS[0])
         for t in encode(tok, f"<ACTION> CALL calc({call}" + (")" if call else "")):
             dec._emit(state, t, injected=False)
         dec._emit(state, SPECIAL_TOKENS.index(RESULT), injected=False)
@@ -115,7 +130,7 @@ def test_bad_tool_calls_are_recorded_and_the_chain_goes_on(parts):
         assert not last.ok and error in last.error.lower()
         assert "<RESULT> error:" in "".join(dec.texts[t] for t in state.ids)
         before = len(state.ids)
-        dec._step([state])
+        dec.step([state])
         assert len(state.ids) > before
         assert state.acc.stop_reason in (None, "eos", "answer", "repetition", "max_tokens")
 

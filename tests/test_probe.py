@@ -332,7 +332,7 @@ def test_continue_from_a_prefix(pair):
                                     "did Tom earn? <THOUGHT> Tom earned 12 * 5 for babysitting. ", max_new_tokens=30)
     assert result.text.startswith("<Q> Tom earns $12") and result.tokens <= 30
     assert result.steps and result.steps[0]["tag"] in ("RESULT", "ACTION", "THOUGHT", "CHECK", "ANSWER")
-    with pytest.raises(ProbeError, match="a prefix starts with <Q>"):
+    with pytest.raises(ProbeError, match="a chain prefix starts with <Q>"):
         continue_from(decoder, "<THOUGHT> no question")
 
 
