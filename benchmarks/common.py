@@ -112,9 +112,11 @@ def setup_table(home: Path, data: Path, *, domain: str = DOMAIN, log: Callable[[
 
 
 def setup_overlay(home: Path, data: Path, *, domain: str = DOMAIN, model_chains: int = 1000, steps: int = 200,
-                  n_layer: int = 2, n_embd: int = 128, n_head: int = 4, log: Callable[[str], None] = print) -> Setup:
+                  n_layer: int = 2, n_embd: int = 128, n_head: int = 4, attn_span: int = 0,
+                  log: Callable[[str], None] = print) -> Setup:
     """Build (or reuse) the table from ``data``, a token-level dataset of its first ``model_chains`` chains and a
-    selector trained ``steps`` steps, all under ``home`` (its embedded Redis). Reuse needs the same settings."""
+    selector trained ``steps`` steps, all under ``home`` (its embedded Redis). Reuse needs the same settings.
+    ``attn_span`` > 0 makes it an ALiBi selector with that span (dataset window = its receptive field)."""
     import torch
 
     from overlay import table as tbl
@@ -124,29 +126,32 @@ def setup_overlay(home: Path, data: Path, *, domain: str = DOMAIN, model_chains:
     from overlay.train import TrainConfig, train
 
     settings = {"data": str(Path(data).resolve()), "domain": domain, "model_chains": model_chains, "steps": steps,
-                "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
-    marker = home / f"bench-setup-{domain}.json"
+                "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head} | ({"attn_span": attn_span} if attn_span else {})
+    name = f"{domain}-alibi{attn_span}" if attn_span else domain
+    window = n_layer * (attn_span - 1) + 1 if attn_span else DatasetConfig().window
+    marker = home / f"bench-setup-{name}.json"
     previous = json.loads(marker.read_text()) if marker.exists() else None
     client, table = setup_table(home, data, domain=domain, log=log)
-    reuse = previous is not None and previous.get("settings") == settings and (home / "models" / domain).is_dir()
+    reuse = previous is not None and previous.get("settings") == settings and (home / "models" / name).is_dir()
     if not reuse:
         chains = load_chains(data, "gsm8k", limit=model_chains).chains
         start = time.perf_counter()
-        build_dataset(table, table.tokenizer(), chains, home / "datasets" / domain, DatasetConfig())
+        build_dataset(table, table.tokenizer(), chains, home / "datasets" / name, DatasetConfig(window=window))
         threads = torch.get_num_threads()
-        result = train(TrainConfig(data=str(home / "datasets" / domain), out=str(home / "models" / domain), steps=steps,
+        result = train(TrainConfig(data=str(home / "datasets" / name), out=str(home / "models" / name), steps=steps,
                                    batch_size=128, n_layer=n_layer, n_head=n_head, n_embd=n_embd, threads=1,
+                                   positions="alibi" if attn_span else "slot", attn_span=attn_span,
                                    eval_every=0, eval_rows=2000, save_every=0, warmup=min(100, steps // 5), device="cpu"),
                        progress=False)
         torch.set_num_threads(threads)
-        log(f"selector {n_layer}x{n_embd} trained {steps} steps on {model_chains} chains: eval accuracy "
+        log(f"selector {name} {n_layer}x{n_embd} trained {steps} steps on {model_chains} chains: eval accuracy "
             f"{result.eval_accuracy:.3f} ({time.perf_counter() - start:.1f} s with the dataset)")
         marker.write_text(json.dumps({"settings": settings, "version": table.version,
                                       "eval_accuracy": result.eval_accuracy}))
     table = tbl.SemanticTable(client, domain)
-    model, tok = load_selector(home / "models" / domain, device="cpu")
+    model, tok = load_selector(home / "models" / name, device="cpu")
     info = json.loads(marker.read_text()) | {"table": table.info()}
-    return Setup(client, table, model, tok, home / "models" / domain, home, info)
+    return Setup(client, table, model, tok, home / "models" / name, home, info)
 
 
 # ---------------------------------------------------------------------------------------------------- timing

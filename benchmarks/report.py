@@ -82,8 +82,8 @@ def train_section(d: dict[str, Any]) -> str:
     rows = [r | {"reached": f"step {r['reached_at_step']}, {r['reached_after_s']:.0f} s" if r.get("reached_at_step")
                  else "not reached"} for r in d["runs"]]
     return "\n".join([
-        f"### Training ({d['chains']:,} chains, default 2×128 selector)", "",
-        md_table(rows, [("device", "device"), ("steps", "steps"), ("batch_size", "batch"),
+        f"### Training ({d['chains']:,} chains, 2 layers × 128)", "",
+        md_table(rows, [("device", "device"), ("selector", "selector"), ("steps", "steps"), ("batch_size", "batch"),
                         ("rows_per_s", "target tokens/s"), ("train_s", "train s"),
                         ("final_eval_accuracy", "held-out acc@1"), ("target_accuracy", "target acc"),
                         ("reached", "reached at")]), ""])

@@ -58,6 +58,11 @@ class TrainConfig:
     n_head: int = field(default=4, metadata={"help": "Attention heads (new model only)."})
     n_embd: int = field(default=128, metadata={"help": "Embedding width (new model only)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability (new model only)."})
+    positions: str = field(default="slot", metadata={
+        "help": "slot: learned window-slot embeddings; alibi: distance penalties with --attn-span, decoded with a "
+                "KV cache (new model only)."})
+    attn_span: int = field(default=0, metadata={
+        "help": "Tokens each token attends to (alibi); needs dataset window ≥ n_layer·(span−1)+1; 0 = whole window."})
     base: str = field(default="", metadata={"help": "Start from this selector folder or local HF causal LM folder."})
     steps: int = field(default=2000, metadata={"help": "Optimizer steps (ignored when epochs > 0)."})
     epochs: int = field(default=0, metadata={"help": "Passes over the training rows; 0 = use steps."})
@@ -98,6 +103,9 @@ class TrainConfig:
             (min(self.n_layer, self.n_head, self.n_embd, self.lora_r) >= 1, "n_layer, n_head, n_embd, lora_r must be ≥ 1"),
             (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
             (0 <= self.dropout < 1 and 0 <= self.lora_dropout < 1, "dropout and lora_dropout must be in [0, 1)"),
+            (self.positions in ("slot", "alibi"), f"positions must be slot or alibi, got {self.positions!r}"),
+            (self.attn_span >= 0 and (self.positions == "slot" or self.attn_span >= 1),
+             "attn_span must be ≥ 0, and ≥ 1 with positions=alibi"),
         ]
         errors = [msg for ok, msg in checks if not ok]
         if errors:

@@ -99,6 +99,7 @@ class DecodeState:
     router: Router
     acc: ScoreAccumulator = field(default_factory=ScoreAccumulator)
     elapsed: float = 0.0
+    kv: Any = field(default=None, repr=False, compare=False)  # (CachedScorer, KVCache) for ALiBi selectors; not saved
 
     def to_dict(self) -> dict[str, Any]:
         return {"question": self.question, "ids": self.ids, "prompt_len": self.prompt_len, "elapsed": self.elapsed,
@@ -222,29 +223,49 @@ class OverlayDecoder:
         result = IDS[RESULT]
         return [c not in NEVER and c != result for c in cands]
 
+    def _scorers(self) -> tuple[Any, Any]:
+        """The written-out forward (slot selectors) and the KV-cached one (ALiBi selectors) for the current model,
+        rebuilt whenever the model, its modules or its weights have changed; None where they do not apply."""
+        owner, fast, cached = self.__dict__.get("_paths", (None, None, None))
+        stale = owner is not self.model or any(p is not None and not p.usable(self.model) for p in (fast, cached))
+        if stale:
+            from overlay.selector import CachedScorer, FastScorer  # transformers loads only when a model decodes
+
+            fast, cached = FastScorer.build(self.model), CachedScorer.build(self.model)
+            self.__dict__["_paths"] = (self.model, fast, cached)
+        return fast, cached
+
     def _scores(self, states: list[DecodeState], neighbours: list) -> list[torch.Tensor]:
         """Log-probabilities over each chain's candidates: selector softmax (+ mix × table weight)."""
         if self.model is None:
             return [torch.tensor(nb.weights) for nb in neighbours]
+        fast, cached = self._scorers()
+        lengths = [len(nb.ids) for nb in neighbours]
+        if cached is not None and len(states) == 1:  # one chain: its own keys/values, one new row per block
+            state = states[0]
+            if state.kv is None or state.kv[0] is not cached:
+                state.kv = (cached, cached.new_cache())
+            logits = torch.from_numpy(cached.scores(state.kv[1], state.ids, neighbours[0].ids))[None]
+        else:
+            logits = self._window_logits(states, neighbours, lengths, fast)
+        return self._log_probs(logits, neighbours, lengths)
+
+    def _window_logits(self, states: list[DecodeState], neighbours: list, lengths: list[int], fast: Any) -> torch.Tensor:
+        """Candidate logits [B,Kmax] from each chain's last k tokens (PAD-filled) through the selector."""
         k = self.window
         rows = [s.ids[-k:] for s in states]
         full = all(len(r) == k for r in rows)
         windows = torch.tensor(rows if full else [[0] * (k - len(r)) + r for r in rows], dtype=torch.long)
-        lengths = [len(nb.ids) for nb in neighbours]
         kmax = max(lengths)
         cands = torch.tensor([nb.ids + [0] * (kmax - n) for nb, n in zip(neighbours, lengths)], dtype=torch.long)
-        owner, fast = self.__dict__.get("_fast", (None, None))
-        if owner is not self.model or (fast is not None and not fast.usable(self.model)):
-            from overlay.selector import FastScorer  # transformers loads only when a model decodes
-
-            fast = FastScorer.build(self.model)
-            self.__dict__["_fast"] = (self.model, fast)
         if fast is not None and full and not any(fast.pad in r for r in rows):
             has_pad = any(n < kmax or fast.pad in nb.ids for nb, n in zip(neighbours, lengths))
-            logits = fast(windows.to(self.device), cands.to(self.device), has_pad)
-        else:
-            with torch.inference_mode():
-                logits = self.model.score(windows.to(self.device), cands.to(self.device))
+            return fast(windows.to(self.device), cands.to(self.device), has_pad)
+        with torch.inference_mode():
+            return self.model.score(windows.to(self.device), cands.to(self.device))
+
+    def _log_probs(self, logits: torch.Tensor, neighbours: list, lengths: list[int]) -> list[torch.Tensor]:
+        """Per chain, log-softmax over its own candidates (+ mix × table weight)."""
         logits = logits.float().cpu()
         out = []
         for row, (nb, n) in enumerate(zip(neighbours, lengths)):

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,7 @@ from transformers.utils import ModelOutput
 from overlay.tokenizer import load_tokenizer
 
 PAD_ID = 0
+SQRT_HALF = np.float32(math.sqrt(0.5))
 IGNORE_INDEX = -100
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, TOKENIZER_FILE = (
@@ -52,7 +54,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class SelectorConfig(PretrainedConfig):
-    """Shape of the selector: vocabulary, window length k, depth, heads, width; PAD (id 0) is masked out."""
+    """Shape of the selector: vocabulary, window length k, depth, heads, width; PAD (id 0) is masked out.
+
+    ``positions="slot"`` (the default) adds a learned embedding per window slot and every token attends to the
+    whole window before it. ``positions="alibi"`` with ``attn_span`` = s > 0 makes every token attend only to
+    its own last s tokens with a linear distance penalty (ALiBi) and no slot embedding: a token's keys and
+    values then never change once computed, so decoding keeps them (``CachedScorer``) and computes one new row
+    per block per token. Such a model needs window ≥ n_layer·(s − 1) + 1 (its receptive field).
+    """
 
     model_type = "overlay-selector"
 
@@ -66,6 +75,28 @@ class SelectorConfig(PretrainedConfig):
     tie_word_embeddings: bool = True
     pad_token_id: int | None = PAD_ID
     tokenizer_hash: str = ""
+    positions: str = "slot"
+    attn_span: int = 0
+
+    @property
+    def receptive_field(self) -> int:
+        """How many tokens the last position's output can depend on."""
+        return self.n_layer * (self.attn_span - 1) + 1 if self.attn_span else self.window
+
+    def check_positions(self) -> None:
+        """Reject a position scheme that cannot work, naming the field."""
+        if self.positions not in ("slot", "alibi"):
+            raise ValueError(f"positions must be 'slot' or 'alibi', got {self.positions!r}")
+        if self.positions == "alibi" and self.attn_span < 1:
+            raise ValueError("positions='alibi' needs attn_span ≥ 1 (the tokens each token attends to)")
+        if self.attn_span < 0 or self.attn_span > self.window or self.receptive_field > self.window:
+            raise ValueError(f"attn_span={self.attn_span} with {self.n_layer} layers sees {self.receptive_field} tokens, "
+                             f"more than the window k={self.window}; use window ≥ n_layer·(attn_span − 1) + 1")
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head distance penalties 2^(-8(i+1)/h) (Press et al., 2022)."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / n_head) for i in range(n_head)])
 
 
 @dataclass
@@ -138,12 +169,16 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(config.dropout)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attend where ``allowed`` [B,1,T,T] is True; returns (output, probabilities [B,h,T,T])."""
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend where ``allowed`` [B,1,T,T] is True, scores plus ``bias`` [1,h,T,T] (ALiBi) when given;
+        returns (output, probabilities [B,h,T,T])."""
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        if bias is not None:
+            att = att + bias
         att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         y = (self.attn_drop(att) @ v).transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_drop(self.c_proj(y)), att
@@ -174,9 +209,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual attention then residual MLP; returns (x, attention probabilities)."""
-        a, att = self.attn(self.ln_1(x), allowed)
+        a, att = self.attn(self.ln_1(x), allowed, bias)
         x = x + a
         return x + self.mlp(self.ln_2(x)), att
 
@@ -189,9 +225,11 @@ class SelectorModel(PreTrainedModel):
     main_input_name = "input_ids"
 
     def __init__(self, config: SelectorConfig) -> None:
+        config.check_positions()
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.window, config.n_embd)
+        if config.positions == "slot":
+            self.wpe = nn.Embedding(config.window, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
@@ -241,14 +279,23 @@ class SelectorModel(PreTrainedModel):
             raise ValueError(f"window length {t} must be between 1 and the model's window k={k}")
         real = key_mask(input_ids, attention_mask, self.config.pad_token_id)
         eye = torch.eye(t, dtype=torch.bool, device=input_ids.device)
-        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=input_ids.device))
+        pos = torch.arange(t, device=input_ids.device)
+        distance = pos[:, None] - pos[None, :]
+        causal = distance >= 0
+        if self.config.attn_span:
+            causal = causal & (distance < self.config.attn_span)
         allowed = (causal & real[:, None, :]) | eye
         allowed = allowed[:, None, :, :]
-        pos = torch.arange(k - t, k, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        bias = None
+        if self.config.positions == "slot":
+            x = self.drop(self.wte(input_ids) + self.wpe(pos + k - t))
+        else:
+            x = self.drop(self.wte(input_ids))
+            slopes = alibi_slopes(self.config.n_head).to(x.device)  # not a buffer: from_pretrained leaves those empty
+            bias = (-slopes[:, None, None] * distance.clamp(min=0)).to(x.dtype)[None]
         hiddens, atts = [x], []
         for block in self.h:
-            x, att = block(x, allowed)
+            x, att = block(x, allowed, bias)
             hiddens.append(x)
             atts.append(att)
         last = self.ln_f(x[:, -1])
@@ -304,11 +351,7 @@ class FastScorer:
         self.blocks = [((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.weight, b.attn.c_attn.bias,
                         b.attn.c_proj.weight, b.attn.c_proj.bias, (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
                         b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
-        # (parent's module dict, name, module) for every module read here: adapters swap modules in place
-        parents = [(model, "wte"), (model, "wpe"), (model, "ln_f")] + [
-            (m, n) for b in model.h for m, names in ((b, ("ln_1", "ln_2")), (b.attn, ("c_attn", "c_proj")),
-                                                      (b.mlp, ("c_fc", "c_proj"))) for n in names]
-        self.slots = [(m._modules, n, m._modules[n]) for m, n in parents]
+        self.slots = self.module_slots(model)
         first = self.blocks[0]
         self.table_params = (self.wte, self.wpe, *first[0][:2], first[1], first[2])
         self.versions = self._versions()
@@ -323,12 +366,26 @@ class FastScorer:
     @classmethod
     def build(cls, model: nn.Module | None) -> FastScorer | None:
         """The fast path for ``model`` when it is a plain SelectorModel, else None."""
-        if type(model) is not SelectorModel:
+        if type(model) is not SelectorModel or model.config.positions != "slot" or model.config.attn_span:
             return None
-        plain = all(type(b.attn.c_attn) is nn.Linear and type(b.attn.c_proj) is nn.Linear and type(b.mlp.c_fc) is nn.Linear
-                    and type(b.mlp.c_proj) is nn.Linear and type(b.ln_1) is nn.LayerNorm and type(b.ln_2) is nn.LayerNorm
-                    for b in model.h)
-        return cls(model) if plain and type(model.wte) is nn.Embedding and type(model.ln_f) is nn.LayerNorm else None
+        return cls(model) if cls.plain(model) else None
+
+    @staticmethod
+    def plain(model: SelectorModel) -> bool:
+        """True when every module read by a written-out forward is the stock one (no adapter layers)."""
+        blocks = all(type(b.attn.c_attn) is nn.Linear and type(b.attn.c_proj) is nn.Linear and type(b.mlp.c_fc) is nn.Linear
+                     and type(b.mlp.c_proj) is nn.Linear and type(b.ln_1) is nn.LayerNorm and type(b.ln_2) is nn.LayerNorm
+                     for b in model.h)
+        return blocks and type(model.wte) is nn.Embedding and type(model.ln_f) is nn.LayerNorm
+
+    @staticmethod
+    def module_slots(model: SelectorModel) -> list[tuple[dict, str, nn.Module]]:
+        """(parent's module dict, name, module) for every module a written-out forward reads: adapters swap
+        modules in place, which makes the written-out forward stale."""
+        names = [(model, "wte"), (model, "ln_f")] + [(model, "wpe")] * ("wpe" in model._modules) + [
+            (m, n) for b in model.h for m, ns in ((b, ("ln_1", "ln_2")), (b.attn, ("c_attn", "c_proj")),
+                                                  (b.mlp, ("c_fc", "c_proj"))) for n in ns]
+        return [(m._modules, n, m._modules[n]) for m, n in names]
 
     def _versions(self) -> tuple[int, ...]:
         """In-place modification counters of the weights the precomputed table is made from."""
@@ -370,6 +427,122 @@ class FastScorer:
             final = F.layer_norm(x, (c,), *self.ln_f)
             logits = torch.bmm(F.embedding(cands, self.out).to(final.dtype), final.unsqueeze(-1)).squeeze(-1)
             return logits.masked_fill(cands == self.pad, torch.finfo(logits.dtype).min) if has_pad else logits
+
+
+class KVCache:
+    """One chain's state for ``CachedScorer``: per block the keys and values of its last ``attn_span`` tokens, in
+    a ring (slot = tokens pushed modulo the span)."""
+
+    def __init__(self, n_layer: int, n_head: int, span: int, head_dim: int) -> None:
+        self.keys = np.zeros((n_layer, n_head, span, head_dim), np.float32)
+        self.values = np.zeros((n_layer, n_head, span, head_dim), np.float32)
+        self.reset(0)
+
+    def reset(self, consumed: int) -> None:
+        """Forget every token; the chain's first ``consumed`` ids count as seen (they are out of reach)."""
+        self.pushed, self.consumed = 0, consumed
+
+
+class CachedScorer:
+    """Decoding for a ``positions="alibi"`` selector with ``attn_span``: a token's keys and values never change
+    once computed, so each chain keeps them (``KVCache``) and a new token costs one row per block, whatever the
+    window. NumPy float32 on the CPU (at one row, torch's per-op cost dominates), layer-norm scales and shifts
+    folded into the matrices that follow them, GELU as x·(1 + erf(x/√2))/2 with torch's erf. Scores equal
+    ``model.score`` on the chain's last ``window`` tokens.
+    """
+
+    def __init__(self, model: SelectorModel) -> None:
+        cfg = model.config
+        self.model = model
+        self.n_layer, self.n_head, self.span, self.pad = cfg.n_layer, cfg.n_head, cfg.attn_span, cfg.pad_token_id
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.receptive_field = cfg.receptive_field
+        self.params = tuple(model.parameters())
+        self.versions = tuple(p._version for p in self.params)
+        self.slots = FastScorer.module_slots(model)
+        self.inv_n = np.full(cfg.n_embd, 1 / cfg.n_embd, np.float32)
+
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return t.detach().double().cpu().numpy()
+
+        def folded(ln: nn.LayerNorm, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+            """(W', b', eps) with LayerNorm(x) @ W + b == whiten(x) @ W' + b' (weight is [in, out])."""
+            w, b = arr(ln.weight), arr(ln.bias)
+            return (np.ascontiguousarray(w[:, None] * weight, np.float32), (b @ weight + bias).astype(np.float32), ln.eps)
+
+        self.wte = arr(model.wte.weight).astype(np.float32)
+        out = arr(model.output_weight)
+        self.out_w, self.out_b, self.eps_f = folded(model.ln_f, out.T, np.zeros(len(out)))
+        self.out_w = np.ascontiguousarray(self.out_w.T)
+        self.blocks = [(folded(b.ln_1, arr(b.attn.c_attn.weight).T, arr(b.attn.c_attn.bias)),
+                        np.ascontiguousarray(arr(b.attn.c_proj.weight).T, np.float32), arr(b.attn.c_proj.bias).astype(np.float32),
+                        folded(b.ln_2, arr(b.mlp.c_fc.weight).T, arr(b.mlp.c_fc.bias)),
+                        np.ascontiguousarray(arr(b.mlp.c_proj.weight).T, np.float32), arr(b.mlp.c_proj.bias).astype(np.float32))
+                       for b in model.h]
+        slopes = alibi_slopes(cfg.n_head).numpy().astype(np.float32)
+        slot = np.arange(self.span)
+        # bias[s][h, j]: penalty for ring slot j when the newest token sits in slot s (distance (s - j) mod span)
+        self.bias = -slopes[None, :, None] * ((slot[:, None] - slot[None, :]) % self.span)[:, None, :].astype(np.float32)
+        self.scale = np.float32(1 / math.sqrt(self.head_dim))
+
+    @classmethod
+    def build(cls, model: nn.Module | None) -> CachedScorer | None:
+        """The cached path for a plain CPU SelectorModel with ALiBi positions and an attention span, else None."""
+        if type(model) is not SelectorModel or model.config.positions != "alibi" or model.wte.weight.device.type != "cpu":
+            return None
+        return cls(model) if FastScorer.plain(model) else None
+
+    def usable(self, model: nn.Module | None) -> bool:
+        """Still the same model, in eval mode, with no module replaced and no weight changed since this was built."""
+        return (model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
+                and tuple(p._version for p in self.params) == self.versions)
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for a new chain."""
+        return KVCache(self.n_layer, self.n_head, self.span, self.head_dim)
+
+    def _whiten(self, x: np.ndarray, eps: float) -> np.ndarray:
+        """Layer norm without its scale and shift (those are folded into the next matrix)."""
+        d = x - x @ self.inv_n
+        return d * np.float32(1 / math.sqrt(float(d @ d) / len(d) + eps))
+
+    def _push(self, cache: KVCache, token: int) -> np.ndarray:
+        """Run one token through every block against the cached keys/values; returns its final residual [d]."""
+        x = self.wte[token]
+        slot = cache.pushed % self.span
+        n = min(cache.pushed + 1, self.span)
+        bias = self.bias[slot][:, :n]
+        h, hd = self.n_head, self.head_dim
+        for layer, ((attn_w, attn_b, eps1), proj_w, proj_b, (fc_w, fc_b, eps2), out_w, out_b) in enumerate(self.blocks):
+            q, k, v = (self._whiten(x, eps1) @ attn_w + attn_b).reshape(3, h, hd)
+            keys, values = cache.keys[layer], cache.values[layer]
+            keys[:, slot], values[:, slot] = k, v
+            att = np.einsum("hd,hkd->hk", q, keys[:, :n]) * self.scale + bias
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            x = x + np.einsum("hk,hkd->hd", att, values[:, :n]).reshape(-1) @ proj_w + proj_b
+            u = self._whiten(x, eps2) @ fc_w + fc_b
+            erf = torch.erf(torch.from_numpy(u * SQRT_HALF)).numpy()  # exact GELU; torch's own kernel is 4× slower here
+            x = x + (u * (erf + 1) * np.float32(0.5)) @ out_w + out_b
+        cache.pushed += 1
+        cache.consumed += 1
+        return x
+
+    def scores(self, cache: KVCache, ids: list[int], candidates: list[int]) -> np.ndarray:
+        """Candidate logits after the chain ``ids``: feeds the ids the cache has not seen yet (all of them again,
+        from its last ``receptive_field`` tokens, when there are more than that), then scores the candidates."""
+        pending = ids[cache.consumed:]
+        if not pending:
+            raise ValueError("the cache has already consumed every id: scores need at least one new token")
+        if len(pending) > self.receptive_field:
+            cache.reset(len(ids) - self.receptive_field)
+            pending = ids[cache.consumed:]
+        for token in pending:
+            x = self._push(cache, token)
+        cands = np.asarray(candidates)
+        logits = self.out_w[cands] @ self._whiten(x, self.eps_f) + self.out_b[cands]
+        logits[cands == self.pad] = np.finfo(np.float32).min
+        return logits
 
 
 class HFCausalSelector(nn.Module):

@@ -267,7 +267,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
                     scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig) -> tuple[int, list]:
     """Restore a checkpoint written by save_checkpoint; returns (step, history). Settings must match."""
     state = json.loads((folder / "state.json").read_text())
-    saved, now = state["config"], asdict(config)
+    saved, now = asdict(TrainConfig()) | state["config"], asdict(config)  # options added later count as defaults
     changed = sorted(k for k in now if k not in RUN_FIELDS and saved.get(k) != now[k])
     if changed:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in changed)
@@ -323,8 +323,8 @@ def _build(config: TrainConfig, manifest: dict, out: Path) -> tuple[torch.nn.Mod
         return model, ""
     model = SelectorModel(SelectorConfig(
         vocab_size=int(manifest["vocab_size"]), window=int(manifest["k"]), n_layer=config.n_layer,
-        n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
-        tokenizer_hash=manifest.get("tokenizer_hash") or ""))
+        n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, positions=config.positions,
+        attn_span=config.attn_span, tokenizer_hash=manifest.get("tokenizer_hash") or ""))
     return model, ""
 
 

@@ -102,6 +102,24 @@ def test_injected_result_is_tokenised_as_in_training_chains(parts):
     assert state.ids[state.prompt_len:] == want
 
 
+def test_alibi_selector_decodes_the_same_with_its_kv_cache(parts):
+    """A single chain goes through the KV-cached scorer, a batch through window forwards: same chains."""
+    import torch
+
+    from overlay.selector import CachedScorer, SelectorConfig, SelectorModel
+
+    table, trained, tok = parts
+    torch.manual_seed(0)
+    model = SelectorModel(SelectorConfig(vocab_size=trained.config.vocab_size, window=9, n_layer=2, n_head=2,
+                                         n_embd=32, positions="alibi", attn_span=5)).eval()
+    dec = OverlayDecoder(table, model, tok, DecodeConfig(max_tokens=40, max_step_repeats=10**6))
+    single = [dec.generate(q) for q in QUESTIONS[:2]]
+    assert isinstance(dec._scorers()[1], CachedScorer)
+    batch = dec.generate_batch(QUESTIONS[:2])
+    assert [r.text for r in single] == [r.text for r in batch]
+    assert all(r.tokens == 40 for r in single)
+
+
 def test_state_from_prefix_continues_a_chain_text(parts):
     """A chain text prefix is routed (the open ACTION is known), decoding goes on after it, and bad prefixes fail."""
     dec = decoder(parts)

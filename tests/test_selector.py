@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel, Pre
 
 from overlay.chains import SPECIAL_TOKENS
 from overlay.selector import (
+    CachedScorer,
     FastScorer,
     HFCausalSelector,
     SelectorConfig,
@@ -151,6 +152,81 @@ def test_fast_scorer_steps_down_when_the_model_changes(model):
     assert torch.allclose(fresh(windows, cands), copy.score(windows, cands), atol=1e-5)
     copy.h[0].attn.c_attn = torch.nn.Linear(32, 96)
     assert not fresh.usable(copy) and FastScorer.build(copy) is not None
+
+
+def alibi_model(seed: int = 0, window: int = 9, span: int = 5, n_layer: int = 2) -> SelectorModel:
+    """A banded ALiBi selector with perturbed norms and biases, so every weight matters in comparisons."""
+    torch.manual_seed(seed)
+    m = SelectorModel(SelectorConfig(vocab_size=V, window=window, n_layer=n_layer, n_head=2, n_embd=32,
+                                     positions="alibi", attn_span=span)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_alibi_band_sees_only_its_receptive_field():
+    """With span s and L layers the last token depends on exactly its last L(s-1)+1 tokens."""
+    m = alibi_model()
+    assert m.config.receptive_field == 9 and not hasattr(m, "wpe")
+    windows, cands = torch.randint(10, V, (2, 9)), torch.randint(10, V, (2, K))
+    base = m.score(windows, cands)
+    changed = windows.clone()
+    changed[:, 0] = (changed[:, 0] - 9) % (V - 10) + 10
+    assert not torch.allclose(m.score(changed, cands), base)  # the first token is still in reach
+    short = alibi_model(span=3)  # receptive field 5 of 9
+    assert torch.allclose(short.score(changed, cands), short.score(windows, cands))
+    assert torch.allclose(short.score(windows[:, 4:], cands), short.score(windows, cands), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(positions="rope", attn_span=2), "slot' or 'alibi"),
+                                        (dict(positions="alibi", attn_span=0), "attn_span ≥ 1"),
+                                        (dict(positions="alibi", attn_span=8), "more than the window")])
+def test_position_settings_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SelectorModel(SelectorConfig(vocab_size=V, window=8, n_layer=2, n_head=2, n_embd=32, **bad))
+
+
+def test_cached_scorer_equals_the_window_forward():
+    """One new row per block against cached keys/values scores like model.score on the last window, from the
+    chain's first token on, after jumps of several tokens and after more than the receptive field at once."""
+    m = alibi_model()
+    cached = CachedScorer.build(m)
+    assert cached is not None and FastScorer.build(m) is None and CachedScorer.build(alibi_model().train()) is not None
+    g = torch.Generator().manual_seed(3)
+    ids = (torch.randint(10, V, (80,), generator=g)).tolist()
+    cache = cached.new_cache()
+    for end in [*range(1, 20), 22, 30, 31, 60, 80]:
+        cands = torch.randint(10, V, (K,), generator=g).tolist()
+        cands[-1] = 0
+        got = torch.from_numpy(cached.scores(cache, ids[:end], cands))
+        window = ([0] * 9 + ids[:end])[-9:]
+        want = m.score(torch.tensor([window]), torch.tensor([cands]))[0]
+        assert torch.allclose(got[:-1], want[:-1], atol=1e-5), end
+        assert got[-1] == torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match="new token"):
+        cached.scores(cache, ids[:80], cands)
+
+
+def test_cached_scorer_steps_down_when_the_model_changes():
+    m = alibi_model()
+    cached = CachedScorer.build(m)
+    assert CachedScorer.build(SelectorModel(SelectorConfig(vocab_size=V, window=8, n_layer=1, n_head=2, n_embd=32))) is None
+    assert cached.usable(m)
+    with torch.no_grad():
+        m.h[1].mlp.c_fc.bias.add_(0.1)
+    assert not cached.usable(m)
+    m.train()
+    assert not CachedScorer.build(m).usable(m)
+
+
+def test_alibi_selector_round_trips(tmp_path):
+    m = alibi_model()
+    save_selector(m, word_tokenizer(), tmp_path / "alibi")
+    loaded, _ = load_selector(tmp_path / "alibi")
+    assert (loaded.config.positions, loaded.config.attn_span) == ("alibi", 5)
+    windows, cands = batch(k=9)
+    assert torch.allclose(loaded.score(windows, cands), m.score(windows, cands))
 
 
 def test_save_load_gives_identical_scores(model, tmp_path):

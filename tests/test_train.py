@@ -117,6 +117,20 @@ def test_tiny_run_loss_falls_and_every_parameter_changes(tmp_path, data_a):
     assert torch.equal(params_of(start)["wte.weight"], before["wte.weight"])
 
 
+def test_alibi_selector_trains_and_reloads(tmp_path, data_a):
+    out = tmp_path / "alibi"
+    result = train(TrainConfig(data=str(data_a), out=str(out), steps=40, positions="alibi", attn_span=4, **TINY),
+                   progress=False)
+    assert result.history[0]["train_loss"] > result.history[-1]["train_loss"] and result.eval_accuracy > 0.5
+    model, _ = load_selector(out)
+    assert (model.config.positions, model.config.attn_span) == ("alibi", 4)
+    with pytest.raises(ValueError, match="positions must be slot or alibi"):
+        TrainConfig(data=str(data_a), positions="rope")
+    with pytest.raises(ValueError, match="more than the window"):
+        train(TrainConfig(data=str(data_a), out=str(tmp_path / "wide"), steps=2, positions="alibi", attn_span=9,
+                          **TINY), progress=False)
+
+
 def test_output_folder_and_reload(base, data_a):
     names = {p.name for p in base.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "train_result.json"} <= names
