@@ -2,8 +2,9 @@
 
 Scoring gathers the candidates' rows of the (tied) output embedding and dots them with the last hidden
 state, so a decode step costs one forward over k tokens plus K dot products: independent of chain length
-and of vocabulary size. Full-vocabulary logits exist only for training (optional extra loss term) and for
-the evaluation baseline.
+and of vocabulary size (an ALiBi selector with an attention span keeps each chain's keys and values and
+computes one new row per block instead). Full-vocabulary logits exist only for training (optional extra loss
+term) and for the evaluation baseline.
 """
 
 from __future__ import annotations
