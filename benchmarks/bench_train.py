@@ -52,6 +52,7 @@ def run(args) -> dict:
 
     from overlay.chains import load_chains
     from overlay.dataset import DatasetConfig, build_dataset
+    from overlay.selector import alibi_window
     from overlay.train import TrainConfig
 
     with common.overlay_home(args.home) as home:
@@ -61,7 +62,7 @@ def run(args) -> dict:
         start = time.perf_counter()
         datasets = {}
         for span in spans:  # an ALiBi selector reads windows as long as its receptive field
-            window = TrainConfig().n_layer * (span - 1) + 1 if span else DatasetConfig().window
+            window = alibi_window(TrainConfig().n_layer, span) if span else DatasetConfig().window
             datasets[span] = home / "datasets" / f"train-bench-{args.chains}-k{window}"
             if not (datasets[span] / "manifest.json").exists():
                 build_dataset(table, table.tokenizer(), chains, datasets[span], DatasetConfig(window=window))

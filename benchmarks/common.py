@@ -122,13 +122,13 @@ def setup_overlay(home: Path, data: Path, *, domain: str = DOMAIN, model_chains:
     from overlay import table as tbl
     from overlay.chains import load_chains
     from overlay.dataset import DatasetConfig, build_dataset
-    from overlay.selector import load_selector
+    from overlay.selector import alibi_window, load_selector
     from overlay.train import TrainConfig, train
 
     settings = {"data": str(Path(data).resolve()), "domain": domain, "model_chains": model_chains, "steps": steps,
                 "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head} | ({"attn_span": attn_span} if attn_span else {})
     name = f"{domain}-alibi{attn_span}" if attn_span else domain
-    window = n_layer * (attn_span - 1) + 1 if attn_span else DatasetConfig().window
+    window = alibi_window(n_layer, attn_span) if attn_span else DatasetConfig().window
     marker = home / f"bench-setup-{name}.json"
     previous = json.loads(marker.read_text()) if marker.exists() else None
     client, table = setup_table(home, data, domain=domain, log=log)

@@ -82,7 +82,7 @@ class SelectorConfig(PretrainedConfig):
     @property
     def receptive_field(self) -> int:
         """How many tokens the last position's output can depend on."""
-        return self.n_layer * (self.attn_span - 1) + 1 if self.attn_span else self.window
+        return alibi_window(self.n_layer, self.attn_span) if self.attn_span else self.window
 
     def check_positions(self) -> None:
         """Reject a position scheme that cannot work, naming the field."""
@@ -93,6 +93,12 @@ class SelectorConfig(PretrainedConfig):
         if self.attn_span < 0 or self.attn_span > self.window or self.receptive_field > self.window:
             raise ValueError(f"attn_span={self.attn_span} with {self.n_layer} layers sees {self.receptive_field} tokens, "
                              f"more than the window k={self.window}; use window ≥ n_layer·(attn_span − 1) + 1")
+
+
+def alibi_window(n_layer: int, attn_span: int) -> int:
+    """The receptive field of ``n_layer`` blocks that each attend to ``attn_span`` tokens: the window an ALiBi
+    selector's training rows need."""
+    return n_layer * (attn_span - 1) + 1
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -333,43 +339,15 @@ class SelectorModel(PreTrainedModel):
             return last @ self.output_weight.T
 
 
-class FastScorer:
-    """``SelectorModel.score`` written out for decoding: the same weights and math without module-call
-    overhead or mask building. The first block's layer norm and QKV projection depend only on (token, window
-    slot), so they are a precomputed table read by index; the last block computes only the last position (the
-    only one scored). Used for PAD-free windows of a plain SelectorModel in eval mode; anything else
-    (adapters, HF causal LMs, padded windows) goes through ``model.score``.
-    """
+class _DecodeView:
+    """What the decode-time scorers share: they read a plain SelectorModel's modules and weights directly, so they
+    are stale once the model trains, an adapter swaps one of its modules, or a weight they copied changes."""
 
-    table_limit_bytes = 64 * 2**20
-
-    def __init__(self, model: SelectorModel) -> None:
-        cfg = model.config
+    def __init__(self, model: SelectorModel, params: tuple[torch.Tensor, ...]) -> None:
         self.model = model
-        self.n_embd, self.n_head, self.window, self.pad = cfg.n_embd, cfg.n_head, cfg.window, cfg.pad_token_id
-        self.wte, self.wpe, self.out = model.wte.weight, model.wpe.weight, model.output_weight
-        self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
-        self.blocks = [((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.weight, b.attn.c_attn.bias,
-                        b.attn.c_proj.weight, b.attn.c_proj.bias, (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
-                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
         self.slots = self.module_slots(model)
-        first = self.blocks[0]
-        self.table_params = (self.wte, self.wpe, *first[0][:2], first[1], first[2])
+        self.params = params
         self.versions = self._versions()
-        self.qkv0 = self._qkv_table() if self.table_bytes(cfg) <= self.table_limit_bytes else None
-        self.slot_index = torch.arange(self.window, device=self.wte.device)
-
-    @classmethod
-    def table_bytes(cls, cfg: SelectorConfig) -> int:
-        """Size of the first block's (token, slot) → QKV table in float32."""
-        return cfg.vocab_size * cfg.window * 3 * cfg.n_embd * 4
-
-    @classmethod
-    def build(cls, model: nn.Module | None) -> FastScorer | None:
-        """The fast path for ``model`` when it is a plain SelectorModel, else None."""
-        if type(model) is not SelectorModel or model.config.positions != "slot" or model.config.attn_span:
-            return None
-        return cls(model) if cls.plain(model) else None
 
     @staticmethod
     def plain(model: SelectorModel) -> bool:
@@ -389,8 +367,49 @@ class FastScorer:
         return [(m._modules, n, m._modules[n]) for m, n in names]
 
     def _versions(self) -> tuple[int, ...]:
-        """In-place modification counters of the weights the precomputed table is made from."""
-        return tuple(p._version for p in self.table_params)
+        """In-place modification counters of the weights this view copied or precomputed from."""
+        return tuple(p._version for p in self.params)
+
+    def usable(self, model: nn.Module | None) -> bool:
+        """Still the same model, in eval mode, with no module replaced and no copied weight changed."""
+        return (model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
+                and self._versions() == self.versions)
+
+
+class FastScorer(_DecodeView):
+    """``SelectorModel.score`` written out for decoding: the same weights and math without module-call
+    overhead or mask building. The first block's layer norm and QKV projection depend only on (token, window
+    slot), so they are a precomputed table read by index; the last block computes only the last position (the
+    only one scored). Used for PAD-free windows of a plain SelectorModel in eval mode; anything else
+    (adapters, HF causal LMs, padded windows) goes through ``model.score``.
+    """
+
+    table_limit_bytes = 64 * 2**20
+
+    def __init__(self, model: SelectorModel) -> None:
+        cfg = model.config
+        self.n_embd, self.n_head, self.window, self.pad = cfg.n_embd, cfg.n_head, cfg.window, cfg.pad_token_id
+        self.wte, self.wpe, self.out = model.wte.weight, model.wpe.weight, model.output_weight
+        self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+        self.blocks = [((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.weight, b.attn.c_attn.bias,
+                        b.attn.c_proj.weight, b.attn.c_proj.bias, (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
+                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.h]
+        first = self.blocks[0]
+        super().__init__(model, (self.wte, self.wpe, *first[0][:2], first[1], first[2]))  # the QKV table's inputs
+        self.qkv0 = self._qkv_table() if self.table_bytes(cfg) <= self.table_limit_bytes else None
+        self.slot_index = torch.arange(self.window, device=self.wte.device)
+
+    @classmethod
+    def table_bytes(cls, cfg: SelectorConfig) -> int:
+        """Size of the first block's (token, slot) → QKV table in float32."""
+        return cfg.vocab_size * cfg.window * 3 * cfg.n_embd * 4
+
+    @classmethod
+    def build(cls, model: nn.Module | None) -> FastScorer | None:
+        """The fast path for ``model`` when it is a plain SelectorModel, else None."""
+        if type(model) is not SelectorModel or model.config.positions != "slot" or model.config.attn_span:
+            return None
+        return cls(model) if cls.plain(model) else None
 
     def _qkv_table(self) -> torch.Tensor:
         """[V, k, 3d]: the first block's QKV projection of token embedding + slot embedding, after its layer norm."""
@@ -398,11 +417,6 @@ class FastScorer:
         with torch.inference_mode():
             x = self.wte[:, None, :] + self.wpe[None, : self.window, :]
             return F.linear(F.layer_norm(x, (self.n_embd,), *ln1), attn_w, attn_b).contiguous()
-
-    def usable(self, model: nn.Module | None) -> bool:
-        """Still the same model, in eval mode, with none of its modules replaced or table weights changed."""
-        return (model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
-                and self._versions() == self.versions)
 
     def __call__(self, windows: torch.Tensor, cands: torch.Tensor, has_pad: bool = True) -> torch.Tensor:
         """Candidate logits [B,K] for full, PAD-free windows [B,k] and candidates [B,K]; PAD candidates are masked
@@ -444,7 +458,7 @@ class KVCache:
         self.pushed, self.consumed = 0, consumed
 
 
-class CachedScorer:
+class CachedScorer(_DecodeView):
     """Decoding for a ``positions="alibi"`` selector with ``attn_span``: a token's keys and values never change
     once computed, so each chain keeps them (``KVCache``) and a new token costs one row per block, whatever the
     window. NumPy float32 on the CPU (at one row, torch's per-op cost dominates), layer-norm scales and shifts
@@ -453,14 +467,11 @@ class CachedScorer:
     """
 
     def __init__(self, model: SelectorModel) -> None:
+        super().__init__(model, tuple(model.parameters()))
         cfg = model.config
-        self.model = model
         self.n_layer, self.n_head, self.span, self.pad = cfg.n_layer, cfg.n_head, cfg.attn_span, cfg.pad_token_id
         self.head_dim = cfg.n_embd // cfg.n_head
         self.receptive_field = cfg.receptive_field
-        self.params = tuple(model.parameters())
-        self.versions = tuple(p._version for p in self.params)
-        self.slots = FastScorer.module_slots(model)
         self.inv_n = np.full(cfg.n_embd, 1 / cfg.n_embd, np.float32)
 
         def arr(t: torch.Tensor) -> np.ndarray:
@@ -491,12 +502,7 @@ class CachedScorer:
         """The cached path for a plain CPU SelectorModel with ALiBi positions and an attention span, else None."""
         if type(model) is not SelectorModel or model.config.positions != "alibi" or model.wte.weight.device.type != "cpu":
             return None
-        return cls(model) if FastScorer.plain(model) else None
-
-    def usable(self, model: nn.Module | None) -> bool:
-        """Still the same model, in eval mode, with no module replaced and no weight changed since this was built."""
-        return (model is self.model and not model.training and all(d.get(n) is m for d, n, m in self.slots)
-                and tuple(p._version for p in self.params) == self.versions)
+        return cls(model) if cls.plain(model) else None
 
     def new_cache(self) -> KVCache:
         """An empty cache for a new chain."""

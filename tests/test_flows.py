@@ -10,11 +10,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -29,6 +26,8 @@ from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
 from overlay_components.overlay.selector import ITLMSelectorComponent
 from overlay_components.overlay.tag_router import TagRouterComponent
+
+from conftest import free_port, http_server
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS_DIR = ROOT / "flows"
@@ -181,38 +180,15 @@ def test_lfx_run_prints_the_chain(overlay_model):
 # --- lfx serve ---------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(overlay_model, tmp_path_factory):
     """`lfx serve flows/` on a free loopback port with an API key, pointed at the test table and model."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = os.environ | overlay_model.env() | {"LANGFLOW_API_KEY": API_KEY, "LANGFLOW_RESTRICT_LOCAL_FILE_ACCESS": "false"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([BIN / "lfx", "serve", str(FLOWS_DIR), "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"lfx serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    cmd = [str(BIN / "lfx"), "serve", str(FLOWS_DIR), "--host", "127.0.0.1", "--port", str(port)]
+    with http_server(cmd, port, env, ROOT, log, "lfx serve", timeout=120, interval=0.5) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def run(base: str, flow_id: str, question: str, key: str | None = API_KEY) -> httpx.Response:

@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +22,8 @@ from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
 from overlay_components.overlay.selector import ITLMSelectorComponent
 from overlay_components.overlay.tag_router import TagRouterComponent
+
+from conftest import free_port, http_server
 
 pytestmark = pytest.mark.langflow
 
@@ -46,13 +44,6 @@ def langflow_binary() -> str:
     return found or pytest.skip("langflow is not installed: `make install-langflow` (uv, the [langflow] extra)")
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(overlay_model, tmp_path_factory):
     """`langflow run --backend-only` on loopback with login required, and an API key made for the tests."""
@@ -63,34 +54,13 @@ def server(overlay_model, tmp_path_factory):
         "LANGFLOW_CONFIG_DIR": str(home), "LANGFLOW_DATABASE_URL": f"sqlite:///{home}/langflow.db",
         "LANGFLOW_AUTO_LOGIN": "false", "LANGFLOW_SUPERUSER": ADMIN, "LANGFLOW_SUPERUSER_PASSWORD": PASSWORD,
         "LANGFLOW_DO_NOT_TRACK": "true", "LANGFLOW_OPEN_BROWSER": "false", "LANGFLOW_WORKERS": "1"}
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([binary, "run", "--backend-only", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"langflow did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+    cmd = [binary, "run", "--backend-only", "--host", "127.0.0.1", "--port", str(port)]
+    with http_server(cmd, port, env, home, home / "server.log", "langflow", timeout=300, interval=1) as base:
         token = httpx.post(f"{base}/api/v1/login", data={"username": ADMIN, "password": PASSWORD},
                            timeout=30).json()["access_token"]
         key = httpx.post(f"{base}/api/v1/api_key/", json={"name": "overlay-tests"},
                          headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["api_key"]
         yield base, {"x-api-key": key}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def expected_chain(model) -> str:
