@@ -3,15 +3,17 @@
 Key layout (one domain, one version ``N``)::
 
     ovl:domains                         set of domain names
-    ovl:<domain>:active                 version readers use; set only when a build completed
-    ovl:<domain>:next                   version counter
+    ovl:<domain>:active                 version readers use; set only when a build completed, only forward
+    ovl:<domain>:next:{ovl:<domain>:active}  version counter, hash-tagged into the active pointer's slot
     ovl:<domain>:v<N>:meta              hash: status, orders, alpha, vocab size, counts, tokenizer
     ovl:<domain>:v<N>:o0                zset token id → count (unigrams, the fallback)
     ovl:<domain>:v<N>:o<n>:{<last>}:<ids>  zset token id → count for the context ``ids`` of length n,
                                         plus the member ``t`` holding the context's total count
 
 The hash tag is the context's *last* token id, so every order of one lookup lives in one slot (one
-round trip, also on Redis Cluster) while the table as a whole spreads over thousands of slots.
+round trip, also on Redis Cluster) while the table as a whole spreads over thousands of slots. The version
+counter shares the active pointer's slot so that a build can compare-and-set the pointer against it in one
+transaction; releases before that kept the counter at ``ovl:<domain>:next``, which the next build adopts.
 
 Weight of token ``w`` after context ``c`` of order n: the Lidstone-smoothed log-probability
 ``ln((count(c, w) + alpha) / (count(c) + alpha * V))`` with V the vocabulary size. Candidates filled in
@@ -70,6 +72,11 @@ def _vkey(domain: str, version: int, suffix: str) -> str:
     return f"{PREFIX}:{domain}:v{version}:{suffix}"
 
 
+def _counter_key(domain: str) -> str:
+    """The version counter, hash-tagged with the active pointer's name so both live in one cluster slot."""
+    return f"{_dkey(domain, 'next')}:{{{_dkey(domain, 'active')}}}"
+
+
 def context_key(domain: str, version: int, context: Sequence[int]) -> str:
     """Key of the zset for one context (order = len(context) ≥ 1), hash-tagged on its last token."""
     ids = ",".join(map(str, context))
@@ -105,6 +112,7 @@ class BuildStats:
     entries: int = 0
     seconds: float = 0.0
     per_order: dict[int, int] = field(default_factory=dict)
+    active: int = 0  # the version active once this build finished: a newer one may have finished first
 
 
 def count_ngrams(sequences: Iterable[Sequence[int]], max_order: int) -> tuple[list[dict], Counter, int, int]:
@@ -153,7 +161,8 @@ def build_table(
     orders, unigrams, tokens, seqs = count_ngrams(sequences, max_order)
     if tokens == 0:
         raise ValueError(f"no tokens to build domain {domain!r} from: the input is empty")
-    version = int(client.incr(_dkey(domain, "next")))
+    _adopt_legacy_counter(client, domain)
+    version = int(client.incr(_counter_key(domain)))
     stats = BuildStats(version=version, tokens=tokens, sequences=seqs)
     meta_key = _vkey(domain, version, "meta")
     client.sadd(f"{PREFIX}:domains", domain)
@@ -204,8 +213,40 @@ def build_table(
             "per_order": ",".join(f"{n}:{c}" for n, c in stats.per_order.items()),
         },
     )
-    client.set(_dkey(domain, "active"), version)
+    stats.active = _activate(client, domain, version)
+    if not stats.active:
+        _delete_matching(client, _vkey(domain, version, "*"))
+        raise TableNotFound(f"domain {domain!r} was dropped while version {version} was being built; nothing activated")
     return stats
+
+
+def _adopt_legacy_counter(client, domain: str) -> None:
+    """Move a counter kept at ``ovl:<domain>:next`` (tables built by older releases) into the active pointer's slot."""
+    legacy = _dkey(domain, "next")
+    value = client.get(legacy)
+    if value is not None:
+        client.set(_counter_key(domain), value, nx=True)
+        client.delete(legacy)
+
+
+def _activate(client, domain: str, version: int) -> int:
+    """Point readers at ``version`` unless a newer one is already active (compare-and-set under WATCH).
+
+    Returns the version active afterwards, or 0 when the counter never issued ``version`` (the domain was dropped).
+    """
+    active, counter = _dkey(domain, "active"), _counter_key(domain)
+
+    def compare_and_set(pipe) -> int:
+        current = int(pipe.get(active) or 0)
+        if version > int(pipe.get(counter) or 0):
+            return 0
+        if version <= current:
+            return current
+        pipe.multi()
+        pipe.set(active, version)
+        return version
+
+    return client.transaction(compare_and_set, active, counter, value_from_callable=True)
 
 
 def list_domains(client) -> list[str]:
@@ -216,7 +257,7 @@ def list_domains(client) -> list[str]:
 def versions(client, domain: str) -> dict[int, dict[str, str]]:
     """Every version of a domain with its meta (the tokenizer text left out), oldest first."""
     check_domain(domain)
-    last = int(client.get(_dkey(domain, "next")) or 0)
+    last = int(client.get(_counter_key(domain)) or client.get(_dkey(domain, "next")) or 0)
     pipe = client.pipeline(transaction=False)
     for v in range(1, last + 1):
         pipe.hgetall(_vkey(domain, v, "meta"))
@@ -269,8 +310,8 @@ def drop_table(client, domain: str, version: int | None = None, *, keep_active: 
     for v in targets:
         _delete_matching(client, _vkey(domain, v, "*"))
     if version is None and not keep_active:
-        client.delete(_dkey(domain, "active"))
-        client.delete(_dkey(domain, "next"))
+        for key in (_dkey(domain, "active"), _counter_key(domain), _dkey(domain, "next")):
+            client.delete(key)
         client.srem(f"{PREFIX}:domains", domain)
     return targets
 

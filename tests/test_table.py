@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from redis.crc import key_slot
 
 from overlay import table as tbl
 
@@ -93,6 +94,57 @@ def test_versions_list_and_drop(redis_client):
     assert not list(redis_client.scan_iter(match="ovl:tiny:v1:*"))
     assert tbl.drop_table(redis_client, "tiny") == [2]
     assert tbl.list_domains(redis_client) == []
+    assert not list(redis_client.scan_iter(match="ovl:tiny:*"))
+
+
+def overlapping_builds(client, domain: str) -> tuple[tbl.BuildStats, tbl.BuildStats]:
+    """Build ``first``; halfway through it, start and finish ``second`` (a higher version that completes first)."""
+    inner: list[tbl.BuildStats] = []
+
+    def run_second(done: int, total: int) -> None:
+        if not inner:
+            inner.append(build(client, domain, seqs=[[5, 6, 5, 6]]))
+
+    first = build(client, domain, batch=2, on_flush=run_second)
+    return first, inner[0]
+
+
+@pytest.mark.parametrize("where", ["redis_client", "redis_cluster"])
+def test_overlapping_builds_keep_the_newer_version_active(where, request):
+    client = request.getfixturevalue(where)
+    client = client[0] if where == "redis_cluster" else client
+    try:
+        first, second = overlapping_builds(client, "race")
+        assert (first.version, second.version) == (1, 2)
+        assert tbl.active_version(client, "race") == first.active == second.active == 2
+        assert {v: m["status"] for v, m in tbl.versions(client, "race").items()} == {1: "complete", 2: "complete"}
+        assert tbl.SemanticTable(client, "race").neighbours([5], 1).ids == [6]
+        assert key_slot(tbl._dkey("race", "active").encode()) == key_slot(tbl._counter_key("race").encode())
+        assert build(client, "race").active == 3
+    finally:
+        tbl.drop_table(client, "race")  # the cluster is shared by the whole session
+
+
+def test_counter_of_older_releases_is_adopted(redis_client):
+    build(redis_client)
+    build(redis_client)
+    redis_client.rename(tbl._counter_key("tiny"), "ovl:tiny:next")  # the layout before the counter moved
+    assert sorted(tbl.versions(redis_client, "tiny")) == [1, 2] and tbl.active_version(redis_client, "tiny") == 2
+    assert build(redis_client).active == 3
+    assert not redis_client.exists("ovl:tiny:next")
+    redis_client.rename(tbl._counter_key("tiny"), "ovl:tiny:next")
+    assert tbl.drop_table(redis_client, "tiny") == [1, 2, 3]
+    assert not list(redis_client.scan_iter(match="ovl:tiny:*"))
+
+
+def test_domain_dropped_during_a_build_is_not_reactivated(redis_client):
+    def drop(done: int, total: int) -> None:
+        if tbl.list_domains(redis_client):
+            tbl.drop_table(redis_client, "tiny")
+
+    with pytest.raises(tbl.TableNotFound, match="dropped while version 1"):
+        build(redis_client, batch=2, on_flush=drop)
+    assert tbl.active_version(redis_client, "tiny") is None
     assert not list(redis_client.scan_iter(match="ovl:tiny:*"))
 
 
