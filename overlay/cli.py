@@ -31,6 +31,16 @@ console = Console()
 
 REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+# Where a dataset's records keep their parts (load_chains' field mapping), shared by every command that reads one.
+FIELD_OPTS: dict[str, tuple[Any, Any]] = {
+    "question_field": (Optional[list[str]], typer.Option(
+        None, "--question-field", help="Field holding the question; repeat it or give a comma list to join several "
+                                       "fields with spaces (default: question).")),
+    "steps_field": (str, typer.Option("steps", "--steps-field", help="jsonl: field holding the steps (list or lines).")),
+    "answer_field": (str, typer.Option("answer", "--answer-field", help="Field holding the final answer.")),
+    "equation_field": (str, typer.Option("equation", "--equation-field",
+                                         help="jsonl: field with an equation, used when the steps hold no arithmetic.")),
+}
 
 
 def fail(message: str) -> None:
@@ -55,6 +65,27 @@ def open_table(client, domain: str, version: Optional[int] = None) -> tbl.Semant
         fail(str(exc))
 
 
+def field_map(question_field: Optional[list[str]], steps_field: str, answer_field: str,
+              equation_field: str) -> dict[str, Any]:
+    """load_chains' field arguments from the --*-field options; repeated and comma-separated question fields join."""
+    questions = [f.strip() for value in question_field or ["question"] for f in value.split(",") if f.strip()]
+    return {"question_field": questions, "steps_field": steps_field, "answer_field": answer_field,
+            "equation_field": equation_field or None}
+
+
+def load_or_fail(data: Path, fmt: str, fields: dict[str, Any], limit: Optional[int] = None):
+    """Convert a dataset file to chains, or exit with one line saying why no record converted."""
+    from overlay.chains import load_chains
+
+    try:
+        report = load_chains(data, fmt, limit=limit, **fields)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    if not report.chains:
+        fail(f"{data}: no record could be converted to a chain ({report.summary()})")
+    return report
+
+
 def dataclass_command(target: typer.Typer, name: str, cls: type, run: Callable[..., None],
                       extra: dict[str, tuple[Any, Any]] | None = None) -> None:
     """Register a command whose options are the fields of a dataclass config (TRL style), plus ``extra``."""
@@ -68,7 +99,8 @@ def dataclass_command(target: typer.Typer, name: str, cls: type, run: Callable[.
 
 
 def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int = 3, vocab_size: int = 2000,
-                    tokenizer_path: Optional[Path] = None, limit: Optional[int] = None) -> tbl.BuildStats:
+                    tokenizer_path: Optional[Path] = None, limit: Optional[int] = None,
+                    fields: Optional[dict[str, Any]] = None) -> tbl.BuildStats:
     """Build a new table version from a dataset file with a progress bar, printing what was written."""
     from overlay.chains import ChainFormatError
     from overlay.pipeline import build_table_from_file
@@ -80,7 +112,7 @@ def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int
         try:
             report, stats = build_table_from_file(
                 client, data, fmt, domain, max_order=max_order, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
-                limit=limit, on_flush=lambda done, total: bar.update(task, completed=done, total=total))
+                limit=limit, fields=fields, on_flush=lambda done, total: bar.update(task, completed=done, total=total))
         except (ChainFormatError, ValueError, OSError) as exc:
             fail(str(exc))
     console.print(report.summary())
@@ -102,6 +134,10 @@ def table_build(
     vocab_size: int = typer.Option(2000, "--vocab-size", help="Tokenizer vocabulary size when training one."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Use this tokenizer.json instead of training one."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N records."),
+    question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
+    steps_field: str = FIELD_OPTS["steps_field"][1],
+    answer_field: str = FIELD_OPTS["answer_field"][1],
+    equation_field: str = FIELD_OPTS["equation_field"][1],
     redis_url: Optional[str] = REDIS_OPT,
 ) -> None:
     """Build a new version of a domain's table; the active pointer flips only when it is complete."""
@@ -112,7 +148,8 @@ def table_build(
     except ValueError as exc:
         fail(str(exc))
     build_from_file(client_or_fail(redis_url), data, fmt, domain, max_order=max_order, vocab_size=vocab_size,
-                    tokenizer_path=tokenizer, limit=limit)
+                    tokenizer_path=tokenizer, limit=limit,
+                    fields=field_map(question_field, steps_field, answer_field, equation_field))
 
 
 def show_neighbours(table: tbl.SemanticTable, text: str, k: int) -> None:
@@ -193,15 +230,18 @@ def table_recall(
     domain: str = typer.Option(..., "--domain"),
     fmt: str = typer.Option("gsm8k", "--format"),
     ks: str = typer.Option("8,32,128", "--k", help="Comma-separated K values."),
+    question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
+    steps_field: str = FIELD_OPTS["steps_field"][1],
+    answer_field: str = FIELD_OPTS["answer_field"][1],
+    equation_field: str = FIELD_OPTS["equation_field"][1],
     redis_url: Optional[str] = REDIS_OPT,
 ) -> None:
     """Candidate recall@K on held-out chains: the ceiling of what any selector can reach."""
-    from overlay.chains import load_chains
     from overlay.tokenizer import encode
 
     table = open_table(client_or_fail(redis_url), domain)
     tok = table.tokenizer()
-    report = load_chains(data, fmt)
+    report = load_or_fail(data, fmt, field_map(question_field, steps_field, answer_field, equation_field))
     start = time.perf_counter()
     recall = tbl.candidate_recall(table, (encode(tok, c.to_text()) for c in report.chains), [int(k) for k in ks.split(",")])
     for k, r in recall.items():
@@ -210,16 +250,16 @@ def table_recall(
 
 
 def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional[int], redis_url: Optional[str],
+                   question_field: Optional[list[str]], steps_field: str, answer_field: str, equation_field: str,
                    **config: Any) -> None:
     """Cut chains into token-level windows with the table's candidates, written as Parquet shards."""
-    from overlay.chains import load_chains
     from overlay.dataset import DatasetConfig, build_dataset
 
     try:
         cfg = DatasetConfig(**config)
-        report = load_chains(data, fmt, limit=limit)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         fail(str(exc))
+    report = load_or_fail(data, fmt, field_map(question_field, steps_field, answer_field, equation_field), limit)
     table = open_table(client_or_fail(redis_url), domain)
     start = time.perf_counter()
     try:
@@ -246,17 +286,16 @@ def _train(**kwargs: Any) -> None:
 
 
 def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
-          generate: int, redis_url: Optional[str]) -> None:
+          generate: int, redis_url: Optional[str], fields: dict[str, Any]) -> None:
     """Evaluate next-token accuracy (table, full vocabulary, overlay) on held-out chains; optionally decode N."""
-    from overlay.chains import load_chains
     from overlay.evaluate import evaluate, write_report
     from overlay.selector import load_selector
 
     try:
         selector, tok = load_selector(model)
-        report = load_chains(data, fmt, limit=limit)
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    report = load_or_fail(data, fmt, fields, limit)
     table = open_table(client_or_fail(redis_url), domain)
     try:
         results = evaluate(table, selector, tok, report.chains, K=k_candidates)
@@ -279,7 +318,7 @@ URL_OPT = (Optional[str], REDIS_OPT)
 dataclass_command(dataset_app, "build", DatasetConfig, _dataset_build,
                   {"data": DATA_OPT, "fmt": FMT_OPT, "domain": DOMAIN_OPT,
                    "out": (Path, typer.Option(..., "--out", help="Dataset folder to write.")),
-                   "limit": LIMIT_OPT, "redis_url": URL_OPT})
+                   "limit": LIMIT_OPT, "redis_url": URL_OPT, **FIELD_OPTS})
 dataclass_command(app, "train", TrainConfig, _train)
 
 
@@ -291,10 +330,15 @@ def eval_command(
     k_candidates: int = typer.Option(32, "--k", help="Candidates per token (K)."),
     limit: Optional[int] = LIMIT_OPT[1],
     generate: int = typer.Option(0, "--generate", help="Also decode the first N questions and report verification success."),
+    question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
+    steps_field: str = FIELD_OPTS["steps_field"][1],
+    answer_field: str = FIELD_OPTS["answer_field"][1],
+    equation_field: str = FIELD_OPTS["equation_field"][1],
     redis_url: Optional[str] = REDIS_OPT,
 ) -> None:
     """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
-    _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url)
+    _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url,
+          field_map(question_field, steps_field, answer_field, equation_field))
 
 
 TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",

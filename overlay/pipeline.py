@@ -40,10 +40,11 @@ class QuickstartConfig:
 
 def build_table_from_file(client, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,
                           vocab_size: int = 2000, tokenizer_path: str | Path | None = None, limit: int | None = None,
-                          on_flush=None) -> tuple[ConversionReport, tbl.BuildStats]:
-    """Convert a JSONL dataset to chains, train (or load) the tokenizer and build a new table version."""
+                          on_flush=None, fields: dict[str, Any] | None = None) -> tuple[ConversionReport, tbl.BuildStats]:
+    """Convert a JSONL dataset to chains (``fields``: load_chains' field mapping), train (or load) the tokenizer
+    and build a new table version."""
     tbl.check_domain(domain)
-    report = load_chains(path, fmt, limit=limit)
+    report = load_chains(path, fmt, limit=limit, **(fields or {}))
     if not report.chains:
         raise ValueError(f"{path}: no record could be converted to a chain ({report.summary()})")
     texts = [c.to_text() for c in report.chains]

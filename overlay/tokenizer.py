@@ -16,6 +16,8 @@ from transformers import PreTrainedTokenizerFast
 from overlay.chains import ANSWER, BOS, CHECK, EOS, PAD, RESULT, SPECIAL_TOKENS, THOUGHT, UNK, ACTION, Q
 
 META = "\u2581"  # "▁": stands for a space inside tokens (SentencePiece convention); decoded back to " "
+# Byte fallback: a character never seen in training encodes as its UTF-8 bytes, one `<0xNN>` token each, never <UNK>.
+BYTE_TOKENS: list[str] = [f"<0x{b:02X}>" for b in range(256)]
 # Math symbols that are not Unicode punctuation (×, ÷, −); ASCII operators are covered by Punctuation().
 _MATH = Regex("[\u00d7\u00f7\u2212]")
 
@@ -39,14 +41,27 @@ def _wrap(tk: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
+def _with_byte_tokens(tk: Tokenizer) -> Tokenizer:
+    """The trained tokenizer with BYTE_TOKENS at ids 10..265 (trained tokens shifted after them) and byte fallback on."""
+    data = json.loads(tk.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    learnt = sorted((t for t in vocab if t not in SPECIAL_TOKENS), key=vocab.__getitem__)
+    data["model"]["vocab"] = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *BYTE_TOKENS, *learnt])}
+    data["model"]["byte_fallback"] = True
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on chain texts; specials get ids 0..9 in SPECIAL_TOKENS order."""
+    """Train a byte-fallback BPE tokenizer of vocab_size tokens in all on chain texts: specials get ids 0..9 in
+    SPECIAL_TOKENS order, the 256 byte tokens the next ids, the learnt tokens the rest."""
     tk = Tokenizer(models.BPE(unk_token=UNK))
     tk.pre_tokenizer = _pre_tokenizer()
-    tk.decoder = decoders.Metaspace(replacement=META, prepend_scheme="never", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - len(BYTE_TOKENS), 0), min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     tk.train_from_iterator((t for t in texts if isinstance(t, str)), trainer=trainer)
+    tk = _with_byte_tokens(tk)
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(),
+                                    decoders.Metaspace(replacement=META, prepend_scheme="never", split=True)])
     for i, s in enumerate(SPECIAL_TOKENS):
         if tk.token_to_id(s) != i:
             raise RuntimeError(f"special token {s} got id {tk.token_to_id(s)}, expected {i}")
@@ -96,7 +111,8 @@ def tokenizer_hash(tok: PreTrainedTokenizerFast | Tokenizer) -> str:
 
 
 def encode(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Token ids of text without BOS/EOS; unknown characters become <UNK> (id 1)."""
+    """Token ids of text without BOS/EOS; unseen characters become byte tokens (<UNK>, id 1, only with a tokenizer
+    trained before byte fallback)."""
     if not text:
         return []
     return tok.backend_tokenizer.encode(str(text), add_special_tokens=False).ids

@@ -9,7 +9,7 @@ import pytest
 
 from overlay.chains import (
     ACTION, ANSWER, CHECK, EOS, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, THOUGHT,
-    Chain, ChainFormatError, Step, load_chains, parse_gsm8k_answer,
+    Chain, ChainFormatError, Step, answers_match, convert_line, load_chains, parse_gsm8k_answer,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -107,9 +107,10 @@ def test_bad_records_reported_with_line_and_reason(tmp_path):
     reasons = dict(report.errors)
     assert sorted(reasons) == [2, 4, 5, 6, 7, 8, 9, 10]
     assert reasons[2].startswith("malformed JSON") and "line 2" in reasons[2]
-    assert reasons[4].startswith("missing question") and reasons[5].startswith("missing question")
+    assert reasons[4] == "missing field 'question': record has fields 'steps', 'answer'"
+    assert reasons[5].startswith("missing question")
     assert reasons[6].startswith("no steps")
-    assert reasons[7].startswith("no answer")
+    assert reasons[7] == "missing field 'answer': record has fields 'question', 'steps'"
     assert reasons[8].startswith("line too long")
     assert reasons[9].startswith("record is not a JSON object")
     assert "<FOO>" in reasons[10]
@@ -168,3 +169,100 @@ def test_from_text_accepts_bos_and_missing_eos():
     chain = Chain.from_text("<BOS> <Q> q? <ACTION> CALL calc(1+1) <RESULT> 2 <CHECK> 2 = 2 <ANSWER> 2")
     assert chain.question == "q?" and chain.answer == "2" and not chain.check_derived
     assert [s.tag for s in chain.steps] == [ACTION, RESULT, CHECK]
+
+
+def test_field_mapping_joins_question_fields(tmp_path):
+    rec = {"Body": "Tom has 3 apples.", "Question": "How many after 4 more?", "Solution": ["3 + 4 = 7"], "Final": 7.0}
+    path = write_jsonl(tmp_path / "m.jsonl", [rec])
+    report = load_chains(path, "jsonl", question_field=["Body", "Question"], steps_field="Solution", answer_field="Final")
+    assert report.errors == [] and report.noisy == 0
+    assert report.chains[0].to_text() == ("<Q> Tom has 3 apples. How many after 4 more? <ACTION> CALL calc(3+4) "
+                                          "<RESULT> 7 <CHECK> calc(3+4) = 7.0 <ANSWER> 7.0 <EOS>")
+
+
+def test_missing_fields_named_with_the_fields_found(tmp_path):
+    recs = [{"Body": "b", "Question": "q?", "Equation": "1+1", "Answer": 2}] * 3
+    report = load_chains(write_jsonl(tmp_path / "x.jsonl", recs), "jsonl", steps_field="solution")
+    reason = "missing fields 'question', 'answer', 'solution': record has fields 'Body', 'Question', 'Equation', 'Answer'"
+    assert report.chains == [] and report.errors == [(1, reason), (2, reason), (3, reason)]
+    summary = report.summary()
+    assert "\n" not in summary and summary.endswith(
+        "missing fields 'question', 'answer', 'solution': 3 (first at line 1: record has fields 'Body', 'Question', "
+        "'Equation', 'Answer')")
+
+
+@pytest.mark.parametrize("line, thought, expr, result", [
+    ("56 * 9 = 504", None, "56*9", "504"),
+    ("x = 12/3 = 4", "x = 12/3", "12/3", "4"),
+    ("Together 20 + 15 => 35", "Together 20 + 15", "20+15", "35"),
+    ("So 12 + 3 = 15 apples.", "So 12 + 3 apples.", "12+3", "15"),
+    ("Cost: $1,250 × 2 = $2,500", "Cost: $1,250 × 2", "1250*2", "2500"),
+    ("(5 + 7) / 3 = 12/3 = 4 each", "(5 + 7) / 3 = 12/3 each", "(5+7)/3", "4"),
+    ("3 + 4 = 7 * 2 = 14", None, "7*2", "14"),
+    ("He pays 10 / 4 = 2.5 dollars", "He pays 10 / 4 dollars", "10/4", "2.5"),
+])
+def test_inline_arithmetic_becomes_action_result(line, thought, expr, result):
+    steps, calls = convert_line(line)
+    want = ([Step(THOUGHT, thought)] if thought else []) + [Step(ACTION, f"CALL calc({expr})"), Step(RESULT, result)]
+    assert steps == want and not any(c.corrected for c in calls)
+
+
+@pytest.mark.parametrize("line", ["Add the two amounts.", "On 12/3 they met 4 friends.", "12/16 = 3/4", "x = 5",
+                                  "20% of 50 = 10", "5 / 0 = 0"])
+def test_steps_without_computable_arithmetic_stay_thoughts(line):
+    assert convert_line(line) == ([Step(THOUGHT, line)], [])
+
+
+def test_inline_result_is_the_calculators_and_disagreements_are_counted(tmp_path):
+    recs = [{"question": "7 boxes of 8?", "steps": ["Multiply.", "7 * 8 = 54 pens"], "answer": "56"},
+            {"question": "Split 10 in 3?", "steps": "10 / 3 = 3.33", "answer": "3.333333333"}]
+    report = load_chains(write_jsonl(tmp_path / "c.jsonl", recs), "jsonl")
+    assert report.corrected == 2 and report.noisy == 0 and "2 written results corrected" in report.summary()
+    assert report.chains[0].to_text() == ("<Q> 7 boxes of 8? <THOUGHT> Multiply. <THOUGHT> 7 * 8 pens <ACTION> CALL "
+                                          "calc(7*8) <RESULT> 56 <CHECK> calc(7*8) = 56 <ANSWER> 56 <EOS>")
+    assert [s.text for s in report.chains[1].steps if s.tag == RESULT] == ["3.333333333"]
+
+
+def test_equation_used_when_steps_hold_no_arithmetic(tmp_path):
+    recs = [{"question": "27 rows of 16 chairs?", "equation": "X=(27.0*16.0)", "steps": ["Multiply rows by chairs."],
+             "answer": "432"},
+            {"question": "41 and 57 trees?", "equation": "41 + 57", "answer": "98"},
+            {"question": "q?", "equation": "41 + 57", "steps": ["41 + 58 = 99"], "answer": "99"}]
+    report = load_chains(write_jsonl(tmp_path / "e.jsonl", recs), "jsonl")
+    assert report.errors == [] and report.noisy == 0
+    assert [s.text for s in report.chains[0].steps] == ["Multiply rows by chairs.", "CALL calc((27.0*16.0))", "432",
+                                                      "calc((27.0*16.0)) = 432"]
+    assert [s.text for s in report.chains[1].steps] == ["CALL calc(41+57)", "98", "calc(41+57) = 98"]
+    assert [s.text for s in report.chains[2].steps] == ["CALL calc(41+58)", "99", "calc(41+58) = 99"]
+    without = load_chains(tmp_path / "e.jsonl", "jsonl", equation_field=None)
+    assert without.errors == [(2, "missing field 'steps': record has fields 'question', 'equation', 'answer'")]
+
+
+def test_mawps_shaped_records_convert(tmp_path):
+    recs = [{"id": "m-1", "question": "Bryan has 56 books in each of his 9 bookshelves. How many books?",
+             "equation": "56 * 9", "steps": ["56 * 9 = 504"], "answer": "504"},
+            {"id": "m-3", "question": "Conner has 25000 dollars and spends 1500 a month. How much after 8 months?",
+             "equation": "25000 - (1500 * 8)", "steps": ["25000 - (1500 * 8) = 13000"], "answer": "13000"},
+            {"id": "m-5", "question": "2.99 dollars for a 12 pack. Each can?", "equation": "2.99 / 12",
+             "steps": ["2.99 / 12 = 0.25"], "answer": "0.25"}]
+    report = load_chains(write_jsonl(tmp_path / "mawps.jsonl", recs), "jsonl")
+    assert report.errors == [] and report.noisy == 1 and report.corrected == 1
+    assert report.chains[1].to_text().endswith("<ACTION> CALL calc(25000-(1500*8)) <RESULT> 13000 "
+                                               "<CHECK> calc(25000-(1500*8)) = 13000 <ANSWER> 13000 <EOS>")
+    assert [s.text for s in report.chains[2].steps] == ["CALL calc(2.99/12)", "0.2491666667", "0.25 = 0.25"]
+
+
+def test_gsm8k_results_are_the_calculators():
+    steps, answer, derived = parse_gsm8k_answer("It costs 8*18 = $<<8*18=144.00>>144.00 in all.\n#### 144")
+    assert [s.text for s in steps] == ["It costs 8*18 in all.", "CALL calc(8*18)", "144", "calc(8*18) = 144"]
+    assert derived and answer == "144"
+
+
+@pytest.mark.parametrize("got, want, same", [
+    ("250", "250 m", True), ("$78.20", "78.2", True), ("1,000", "1000", True), ("72.0", "72", True),
+    ("-5", "-$5", True), ("50%", "50", True), ("0.8333333333", "0.8333333333333334", True), ("5 apples", "5", True),
+    ("72", "73", False), ("0.25", "0.2491666667", False), ("1000000000", "1000000001", False), (None, "1", False),
+    ("Bob", " Bob ", True), ("Bob", "Ann", False), ("3/4", "3", False), ("", "0", False),
+])
+def test_answers_match(got, want, same):
+    assert answers_match(got, want) is same

@@ -86,3 +86,40 @@ def test_quickstart_end_to_end_then_reuse_and_generate(home):
               "--max-tokens", "40")
     assert gen.exit_code == 0, gen.output
     assert "answer:" in gen.output and json.loads(trace.read_text())["trace"]["steps"]
+
+
+INLINE_RECORDS = [
+    {"Body": f"Ann has {a} pens and buys {b} boxes of {c}.", "Question": "How many pens now?",
+     "Solution": [f"The boxes hold {b} * {c} = {b * c} pens.", f"{a} + {b * c} = {a + b * c}"], "Final": f"{a + b * c}"}
+    for a, b, c in [(3, 2, 5), (7, 4, 6), (12, 3, 9), (5, 6, 7), (20, 2, 8), (9, 9, 3)]
+]
+
+
+def test_jsonl_with_inline_arithmetic_and_field_options_builds_a_calling_table(home, tmp_path):
+    from overlay import table as tbl
+    from overlay.tokenizer import encode
+
+    data = tmp_path / "inline.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in INLINE_RECORDS))
+    fields = ["--format", "jsonl", "--steps-field", "Solution", "--answer-field", "Final"]
+    result = run("table", "build", "--data", str(data), "--domain", "inline", "--question-field", "Body",
+                 "--question-field", "Question", *fields)
+    assert result.exit_code == 0, result.output
+    assert "6 chains converted, 0 errors, 0 noisy" in result.output
+    table = tbl.SemanticTable(store.connect(None), "inline")
+    tok = table.tokenizer()
+    top = table.neighbours(encode(tok, "<ACTION>"), 1)
+    assert tok.convert_ids_to_tokens(top.ids[0]) == "▁CALL"
+    recall = run("table", "recall", "--data", str(data), "--domain", "inline", "--question-field", "Body,Question",
+                 *fields, "--k", "8")
+    assert recall.exit_code == 0 and "(6 chains in" in recall.output
+
+
+def test_records_without_the_mapped_fields_fail_naming_them(home, tmp_path):
+    data = tmp_path / "other.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in INLINE_RECORDS))
+    for args in (["table", "build", "--domain", "d"], ["dataset", "build", "--domain", "d", "--out", str(tmp_path / "ds")]):
+        result = run(*args, "--data", str(data), "--format", "jsonl", "--steps-field", "Solution")
+        assert result.exit_code == 2
+        assert "missing fields 'question', 'answer': 6 (first at line 1: record has fields 'Body', 'Question', " \
+               "'Solution', 'Final')" in " ".join(result.output.split())

@@ -1,4 +1,4 @@
-"""Tests for overlay.tokenizer: atomic tags, digit splitting, exact round trip, save/load, hash, <UNK>."""
+"""Tests for overlay.tokenizer: atomic tags, digit splitting, exact round trip, save/load, hash, byte fallback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.chains import SPECIAL_TOKENS, load_chains
+from overlay.chains import SPECIAL_TOKENS, Chain, load_chains
 from overlay.tokenizer import decode, encode, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -49,15 +49,15 @@ def test_round_trip_sample_chains(tok, texts):
 
 
 def test_round_trip_spacing_preserved(tok):
-    # Spaces (single, double, leading, trailing) round-trip; characters never seen in training become <UNK>.
+    # Spaces (single, double, leading, trailing) round-trip.
     text = "  Natalia  sold 48 clips . "
     assert decode(tok, encode(tok, text)) == text
 
 
-def test_unknown_characters_give_unk_and_never_raise(tok):
+def test_unknown_characters_become_bytes_and_never_raise(tok):
     ids = encode(tok, "漢🙂")
-    assert ids and set(ids) == {1}
-    assert decode(tok, encode(tok, "a漢b")) == "a<UNK>b"
+    assert len(ids) == 7 and all(10 <= i < 266 for i in ids)  # 3 + 4 UTF-8 bytes, one byte token each
+    assert decode(tok, encode(tok, "a漢b")) == "a漢b"
     assert encode(tok, "") == []
     assert decode(tok, [10**9, -5]) == "<UNK><UNK>"
 
@@ -85,3 +85,26 @@ def test_load_missing_raises(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_byte_fallback_layout_and_vocab_size_is_the_total(tok):
+    assert len(tok) == 800
+    assert tok.convert_ids_to_tokens(list(range(12))) == [*SPECIAL_TOKENS, "<0x00>", "<0x01>"]
+    assert tok.convert_ids_to_tokens(265) == "<0xFF>"
+    assert decode(tok, encode(tok, "<ANSWER> 1234")) == "<ANSWER> 1234" and len(encode(tok, "1234")) == 4
+
+
+@pytest.mark.parametrize("text", ["It is 25 °C outside.", "√16 is 4", "pages 3 – 7", "Tom 🙂 has 3 apples", "über 5 €"])
+def test_unseen_characters_encode_without_unk_and_round_trip(tok, text):
+    ids = encode(tok, text)
+    assert 1 not in ids
+    assert decode(tok, ids) == text
+    assert [decode(tok, [i]) for i in encode(tok, text + " 905")][-3:] == ["9", "0", "5"]  # digits stay single tokens
+
+
+def test_chain_with_unseen_characters_decodes_well_formed(tok):
+    chain = Chain.from_text("<Q> A 30° turn twice, then √9 more: how far? <ACTION> CALL calc(30*2) <RESULT> 60 "
+                            "<CHECK> calc(30*2) = 60 <ANSWER> 60 <EOS>")
+    ids = encode(tok, chain.to_text())
+    assert 1 not in ids
+    assert Chain.from_text(decode(tok, ids)) == chain
