@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,8 +30,14 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(flows_app, name="flows")
 app.add_typer(probe_app, name="probe")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
+# One rule for every command that reads a domain: --domain, else $OVERLAY_DOMAIN, else the quickstart's domain.
+# Only `table build` and `table drop`, which replace or delete a table, need the domain named.
+ENV_DOMAIN = "OVERLAY_DOMAIN"
+DEFAULT_DOMAIN = "gsm8k-sample"
+DOMAIN = typer.Option(DEFAULT_DOMAIN, "--domain", envvar=ENV_DOMAIN, help="Table domain.")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 # Where a dataset's records keep their parts (load_chains' field mapping), shared by every command that reads one.
 FIELD_OPTS: dict[str, tuple[Any, Any]] = {
@@ -43,10 +51,22 @@ FIELD_OPTS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def fail(message: str) -> None:
-    """Print a one-line error and exit with status 2 (bad input), never a traceback."""
-    console.print(f"[bold red]error:[/] {message}")
+def fail(message: str) -> NoReturn:
+    """Print a one-line error on stderr (never wrapped) and exit with status 2 (bad input), never a traceback."""
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}")
     raise typer.Exit(2)
+
+
+def dataset_file(path: Path) -> Path:
+    """Check a ``--data`` value before loading: a directory is called a directory, not a missing file."""
+    if path.is_dir():
+        fail(f"--data {path} is a directory: give a JSONL file of records")
+    return path
+
+
+def iso_time(stamp: str) -> str:
+    """A Unix time stamp as ISO 8601 local time with its UTC offset."""
+    return datetime.fromtimestamp(float(stamp)).astimezone().isoformat(timespec="seconds")
 
 
 def client_or_fail(url: Optional[str]):
@@ -127,9 +147,9 @@ def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int
 
 @table_app.command("build")
 def table_build(
-    data: Path = typer.Option(..., "--data", help="JSONL file of records."),
+    data: Path = typer.Option(..., "--data", help="JSONL file of records.", callback=dataset_file),
     fmt: str = typer.Option("gsm8k", "--format", help="gsm8k or jsonl."),
-    domain: str = typer.Option(..., "--domain", help="Domain name (a table per domain)."),
+    domain: str = typer.Option(..., "--domain", help="Domain to build; required, as a build replaces its table."),
     max_order: int = typer.Option(3, "--max-order", help="Longest context length N."),
     vocab_size: int = typer.Option(2000, "--vocab-size", help="Tokenizer vocabulary size when training one."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Use this tokenizer.json instead of training one."),
@@ -176,7 +196,7 @@ def show_neighbours(table: tbl.SemanticTable, text: str, k: int) -> None:
 @table_app.command("neighbours")
 def table_neighbours(
     context: str = typer.Argument(..., help="Context text; its last tokens are looked up."),
-    domain: str = typer.Option(..., "--domain"),
+    domain: str = DOMAIN,
     k: int = typer.Option(16, "-k", "--k", help="Number of candidates."),
     version: Optional[int] = typer.Option(None, "--version"),
     redis_url: Optional[str] = REDIS_OPT,
@@ -203,12 +223,12 @@ def table_list(redis_url: Optional[str] = REDIS_OPT) -> None:
 
 
 @table_app.command("info")
-def table_info(domain: str = typer.Argument(...), version: Optional[int] = typer.Option(None, "--version"),
-               redis_url: Optional[str] = REDIS_OPT) -> None:
+def table_info(domain: str = typer.Argument(DEFAULT_DOMAIN, envvar=ENV_DOMAIN, help="Table domain."),
+               version: Optional[int] = typer.Option(None, "--version"), redis_url: Optional[str] = REDIS_OPT) -> None:
     """Show a table version's meta data."""
     table = open_table(client_or_fail(redis_url), domain, version)
     for key, value in sorted(table.info().items()):
-        console.print(f"{key:>16}: {value}")
+        console.print(f"{key:>16}: {iso_time(value) if key == 'created' else value}")
 
 
 @table_app.command("drop")
@@ -226,8 +246,8 @@ def table_drop(domain: str = typer.Argument(...),
 
 @table_app.command("recall")
 def table_recall(
-    data: Path = typer.Option(..., "--data", help="Held-out JSONL records."),
-    domain: str = typer.Option(..., "--domain"),
+    data: Path = typer.Option(..., "--data", help="Held-out JSONL records.", callback=dataset_file),
+    domain: str = DOMAIN,
     fmt: str = typer.Option("gsm8k", "--format"),
     ks: str = typer.Option("8,32,128", "--k", help="Comma-separated K values."),
     question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
@@ -310,9 +330,9 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
     console.print(f"report: {', '.join(str(p) for p in paths)}")
 
 
-DATA_OPT = (Path, typer.Option(..., "--data", help="JSONL file of records."))
+DATA_OPT = (Path, typer.Option(..., "--data", help="JSONL file of records.", callback=dataset_file))
 FMT_OPT = (str, typer.Option("gsm8k", "--format", help="gsm8k or jsonl."))
-DOMAIN_OPT = (str, typer.Option(..., "--domain", help="Table domain."))
+DOMAIN_OPT = (str, DOMAIN)
 LIMIT_OPT = (Optional[int], typer.Option(None, "--limit", help="Use only the first N records."))
 URL_OPT = (Optional[str], REDIS_OPT)
 dataclass_command(dataset_app, "build", DatasetConfig, _dataset_build,
@@ -361,7 +381,7 @@ def print_chain(result) -> None:
         console.print(f"  check {v['claim']!r}: [{colour}]{v['verdict']}[/] ({v['reason']})")
     trace = result.trace
     console.print(f"answer: [bold]{result.answer}[/]  stop: {result.stop_reason}  tokens: {result.tokens}  "
-                  f"log-score: {trace['log_score']:.2f}  ({result.seconds * 1000 / max(1, result.tokens):.2f} ms/token)")
+                  f"log-score: {trace['log_score']:.2f}  decode: {result.seconds * 1000 / max(1, result.tokens):.2f} ms/token")
     for error in result.errors:
         console.print(f"  [yellow]note:[/] {error}")
 
@@ -374,7 +394,7 @@ def model_dir_for(domain: str, model: Optional[Path]) -> Path:
 @app.command()
 def generate(
     question: str = typer.Argument(..., help="The question to reason about."),
-    domain: str = typer.Option("gsm8k-sample", "--domain"),
+    domain: str = DOMAIN,
     model: Optional[Path] = typer.Option(None, "--model", help="Selector folder (default: $OVERLAY_HOME/models/DOMAIN)."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="Write the full JSON trace here."),
     max_tokens: int = typer.Option(256, "--max-tokens"),
@@ -390,13 +410,16 @@ def generate(
     from overlay.decode import load_decoder
 
     folder = model_dir_for(domain, model)
+    start = time.perf_counter()
     client_or_fail(redis_url)
     try:
         decoder = load_decoder(domain, str(folder), redis_url, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, seed=seed)
+        loaded = time.perf_counter() - start  # load_decoder also warms the decoder up
         result = decoder.generate(question, session_id=session)
     except (ValueError, FileNotFoundError, LookupError, store.StoreUnavailable) as exc:
         fail(str(exc))
+    console.print(f"loaded in {loaded:.2f} s (selector, table, warm-up)")
     print_chain(result)
     if trace:
         trace.write_text(json.dumps(result.to_dict(), indent=1))
@@ -406,7 +429,7 @@ def generate(
 @app.command()
 def quickstart(
     data_dir: Path = typer.Option(EXAMPLES, "--data-dir", help="Folder with gsm8k_train_sample.jsonl and gsm8k_test_sample.jsonl."),
-    domain: str = typer.Option("gsm8k-sample", "--domain"),
+    domain: str = DOMAIN,
     steps: int = typer.Option(600, "--steps", help="Selector training steps."),
     fresh: bool = typer.Option(False, "--fresh", help="Rebuild everything instead of reusing what exists."),
     redis_url: Optional[str] = REDIS_OPT,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import EXAMPLES
-from overlay import store
+from overlay import cli, store
 from overlay.cli import app
 
 runner = CliRunner()
@@ -88,6 +91,37 @@ def test_quickstart_end_to_end_then_reuse_and_generate(home):
     assert "answer:" in gen.output and json.loads(trace.read_text())["trace"]["steps"]
 
 
+def test_errors_go_to_stderr_on_one_unwrapped_line(home, tmp_path):
+    missing = tmp_path / ("a-rather-long-folder-name-" * 4) / "[bold]missing.jsonl"
+    result = runner.invoke(app, ["table", "build", "--data", str(missing), "--domain", "d"], env={"COLUMNS": "80"})
+    assert result.exit_code == 2 and not result.stdout.strip()
+    assert result.stderr.count("\n") == 1 and str(missing) in result.stderr
+
+
+def test_a_directory_as_data_is_named_a_directory(home, tmp_path):
+    for args in (["table", "build", "--domain", "d"], ["table", "recall"], ["dataset", "build", "--out", "x"]):
+        result = run(*args, "--data", str(tmp_path))
+        assert result.exit_code == 2 and "is a directory" in result.stderr and "not found" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["table", "info"], ["table", "neighbours", "x"], ["generate", "How many?"],
+                                  ["table", "recall", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl")]])
+def test_one_default_domain_rule(home, args):
+    from overlay.pipeline import QuickstartConfig
+
+    assert cli.DEFAULT_DOMAIN == QuickstartConfig().domain
+    assert f"domain {cli.DEFAULT_DOMAIN!r}" in run(*args).stderr
+    assert "domain 'other'" in runner.invoke(app, args, env={cli.ENV_DOMAIN: "other"}).stderr
+
+
+def test_table_info_defaults_and_prints_created_as_iso_8601(home):
+    data = str(EXAMPLES / "gsm8k_train_sample.jsonl")
+    assert run("table", "build", "--data", data, "--domain", cli.DEFAULT_DOMAIN, "--limit", "10").exit_code == 0
+    result = run("table", "info")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"created: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d\n", result.stdout)
+
+
 INLINE_RECORDS = [
     {"Body": f"Ann has {a} pens and buys {b} boxes of {c}.", "Question": "How many pens now?",
      "Solution": [f"The boxes hold {b} * {c} = {b * c} pens.", f"{a} + {b * c} = {a + b * c}"], "Final": f"{a + b * c}"}
@@ -123,3 +157,32 @@ def test_records_without_the_mapped_fields_fail_naming_them(home, tmp_path):
         assert result.exit_code == 2
         assert "missing fields 'question', 'answer': 6 (first at line 1: record has fields 'Body', 'Question', " \
                "'Solution', 'Final')" in " ".join(result.output.split())
+
+
+def test_generate_prints_load_time_apart_from_decode_time(overlay_model, tmp_path):
+    trace = tmp_path / "trace.json"
+    result = run("generate", "Tom has 3 apples and buys 4 more. How many apples does he have?", "--domain",
+                 overlay_model.domain, "--model", overlay_model.model_dir, "--redis-url", overlay_model.redis_url,
+                 "--max-tokens", "20", "--trace", str(trace))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^loaded in \d+\.\d\d s \(selector, table, warm-up\)$", result.stdout, re.M)
+    decoded = json.loads(trace.read_text())
+    assert f"decode: {decoded['seconds'] * 1000 / decoded['tokens']:.2f} ms/token" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["OVERLAY_HOME", "XDG_DATA_HOME", None])
+def test_langflow_run_example_uses_what_quickstart_made(tmp_path, monkeypatch, where):
+    """docs/langflow.md's run example: the quickstart's domain and model folder, and no Redis URL (embedded)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "langflow.md").read_text()
+    block = doc.split("## Running", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    setup = "\n".join(line for line in block.splitlines() if line.startswith(("export ", "unset ")))
+    for name in ("OVERLAY_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv(store.ENV_URL, "redis://elsewhere:6379")
+    if where:
+        monkeypatch.setenv(where, str(tmp_path / where))
+    shown = subprocess.run(["bash", "-c", setup + '\necho "$OVERLAY_DOMAIN|$OVERLAY_MODEL_DIR|${OVERLAY_REDIS_URL-unset}"'],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert shown == f"{cli.DEFAULT_DOMAIN}|{cli.model_dir_for(cli.DEFAULT_DOMAIN, None)}|unset"
+    assert "flows/overlay_reasoning.json" in block
