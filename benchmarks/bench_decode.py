@@ -124,9 +124,10 @@ def time_generate(model, context: list[int], tokens: int, warmup: int = 2) -> li
 
 
 def selector_for(shape: tuple[int, int], trained, attn_span: int = 0):
-    """The trained selector when it has this shape, else a randomly initialised one of that shape (slot
-    positions, or ALiBi with ``attn_span``); the cost of a step does not depend on the weights' values."""
-    from overlay.selector import SelectorConfig, SelectorModel, alibi_window
+    """The trained selector when it has this shape, else a randomly initialised one of that shape and kind
+    (question-aware, or a window selector with ALiBi and ``attn_span``); a step's cost does not depend on the
+    weights' values."""
+    from overlay.selector import QASelector, QASelectorConfig, SelectorConfig, SelectorModel, alibi_window
 
     cfg = trained.config
     if (cfg.n_layer, cfg.n_embd) == shape:
@@ -135,6 +136,8 @@ def selector_for(shape: tuple[int, int], trained, attn_span: int = 0):
 
     torch.manual_seed(0)
     n_layer, n_embd = shape
+    if isinstance(trained, QASelector):
+        return QASelector(QASelectorConfig(vocab_size=cfg.vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=4)).eval()
     extra = {"positions": "alibi", "attn_span": attn_span, "window": alibi_window(n_layer, attn_span)} if attn_span else {}
     return SelectorModel(SelectorConfig(**({"vocab_size": cfg.vocab_size, "window": cfg.window, "n_layer": n_layer,
                                             "n_embd": n_embd, "n_head": 4} | extra))).eval()

@@ -140,6 +140,7 @@ def setup_overlay(home: Path, data: Path, *, domain: str = DOMAIN, model_chains:
         threads = torch.get_num_threads()
         result = train(TrainConfig(data=str(home / "datasets" / name), out=str(home / "models" / name), steps=steps,
                                    batch_size=128, n_layer=n_layer, n_head=n_head, n_embd=n_embd, threads=1,
+                                   arch="window" if attn_span else "qa", chains_per_batch=8,
                                    positions="alibi" if attn_span else "slot", attn_span=attn_span,
                                    eval_every=0, eval_rows=2000, save_every=0, warmup=min(100, steps // 5), device="cpu"),
                        progress=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import redis
@@ -32,6 +32,8 @@ class TraceStep:
     `tag` is the tag of the step the token belongs to; `score` is the log-prob of the chosen token
     under the selector's softmax over `candidates`; `margin` is the chosen logit minus the best
     other; `injected` marks tokens the router inserted (tool results), which the selector did not choose.
+    `source` says where the chosen candidate came from (table, question, result; copy for a copied number's later
+    digits); `copies` lists the copy candidates offered as "source:value".
     """
 
     position: int
@@ -45,6 +47,8 @@ class TraceStep:
     table_weight: float
     order_used: int
     injected: bool = False
+    source: str = "table"
+    copies: list[str] = field(default_factory=list)
 
 
 def _normalised(step: TraceStep) -> TraceStep:
@@ -61,6 +65,8 @@ def _normalised(step: TraceStep) -> TraceStep:
         table_weight=float(step.table_weight),
         order_used=int(step.order_used),
         injected=bool(step.injected),
+        source=str(step.source),
+        copies=[str(c) for c in step.copies],
     )
 
 

@@ -306,13 +306,17 @@ def _train(**kwargs: Any) -> None:
 
 
 def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
-          generate: int, redis_url: Optional[str], fields: dict[str, Any]) -> None:
-    """Evaluate next-token accuracy (table, full vocabulary, overlay) on held-out chains; optionally decode N."""
+          generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
+          variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256) -> None:
+    """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
+    the overlay, the full-context peer and the table alone."""
     from overlay.evaluate import evaluate, write_report
+    from overlay.generation import generation_markdown, heldout_variants, verification_success
     from overlay.selector import load_selector
 
     try:
         selector, tok = load_selector(model)
+        peer_model = load_selector(peer)[0] if peer else None
     except (ValueError, OSError) as exc:
         fail(str(exc))
     report = load_or_fail(data, fmt, fields, limit)
@@ -321,11 +325,23 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
         results = evaluate(table, selector, tok, report.chains, K=k_candidates)
     except ValueError as exc:
         fail(str(exc))
-    if generate:
-        from overlay.decode import verification_success
+    from overlay.decode import DecodeConfig
 
-        results["generation"] = verification_success(table, selector, tok, report.chains[:generate])
+    config = DecodeConfig(max_tokens=max_tokens, k_candidates=k_candidates)
+    markdown = ""
+    if generate:
+        results["generation"] = verification_success(table, selector, tok, report.chains[:generate], config,
+                                                     peer=peer_model, progress=True, keep=5)
+        markdown += generation_markdown(results["generation"], f"Chains decoded end to end, {data.name}")
+    if variants:
+        chains = heldout_variants(str(variants_data or data), variants)
+        results["variants"] = verification_success(table, selector, tok, chains, config, peer=peer_model,
+                                                   progress=True, keep=5)
+        markdown += generation_markdown(results["variants"], f"Held-out variants of the first {variants} records")
     paths = write_report(results, out)
+    if markdown:
+        with (out / "eval.md").open("a") as md:
+            md.write(markdown)
     console.print((out / "eval.md").read_text())
     console.print(f"report: {', '.join(str(p) for p in paths)}")
 
@@ -350,6 +366,10 @@ def eval_command(
     k_candidates: int = typer.Option(32, "--k", help="Candidates per token (K)."),
     limit: Optional[int] = LIMIT_OPT[1],
     generate: int = typer.Option(0, "--generate", help="Also decode the first N questions and report verification success."),
+    peer: Optional[Path] = typer.Option(None, "--peer", help="Full-context peer folder (train --arch peer) decoded beside."),
+    variants: int = typer.Option(0, "--variants", help="Also decode held-out variants of the first N training records."),
+    variants_data: Optional[Path] = typer.Option(None, "--variants-data", help="GSM8K-format training file for --variants."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Token limit per decoded chain."),
     question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
     steps_field: str = FIELD_OPTS["steps_field"][1],
     answer_field: str = FIELD_OPTS["answer_field"][1],
@@ -358,7 +378,7 @@ def eval_command(
 ) -> None:
     """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
     _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url,
-          field_map(question_field, steps_field, answer_field, equation_field))
+          field_map(question_field, steps_field, answer_field, equation_field), peer, variants, variants_data, max_tokens)
 
 
 TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",
@@ -430,7 +450,7 @@ def generate(
 def quickstart(
     data_dir: Path = typer.Option(EXAMPLES, "--data-dir", help="Folder with gsm8k_train_sample.jsonl and gsm8k_test_sample.jsonl."),
     domain: str = DOMAIN,
-    steps: int = typer.Option(600, "--steps", help="Selector training steps."),
+    steps: int = typer.Option(300, "--steps", help="Selector training steps."),
     fresh: bool = typer.Option(False, "--fresh", help="Rebuild everything instead of reusing what exists."),
     redis_url: Optional[str] = REDIS_OPT,
 ) -> None:
@@ -450,8 +470,8 @@ def quickstart(
 
     for ex in json.loads((report / "examples.json").read_text()):
         ex.pop("well_formed")
-        expected = ex.pop("expected")
-        console.rule(f"expected answer {expected}")
+        expected, label = ex.pop("expected"), ex.pop("label")
+        console.rule(f"{label}: expected answer {expected}")
         print_chain(DecodeResult(**ex))
     console.print(f"[bold green]report:[/] {report}")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DISTRACTORS = ("table", "frequency", "cluster")
+ARCHS = ("qa", "peer", "window")
 
 
 @dataclass
@@ -54,6 +55,15 @@ class TrainConfig:
 
     data: str = field(default="", metadata={"help": "Dataset folder (manifest.json, shard-*.parquet, tokenizer.json)."})
     out: str = field(default="selector", metadata={"help": "Model folder to write (adapters go to OUT/adapters/DOMAIN)."})
+    arch: str = field(default="qa", metadata={
+        "help": "qa: question-aware selector trained on whole chains (question memory, step state, copy candidates); "
+                "peer: same-size full-context GPT-2 on the same chains (the baseline); window: the older k-token "
+                "window selector (--positions slot|alibi)."})
+    question_len: int = field(default=256, metadata={"help": "qa: question tokens kept in memory (new model only)."})
+    chain_span: int = field(default=16, metadata={"help": "qa: chain tokens each token attends to (new model only)."})
+    result_tokens: int = field(default=64, metadata={"help": "qa: tool-result tokens kept in memory (new model only)."})
+    chains_per_batch: int = field(default=16, metadata={"help": "qa/peer: whole chains per batch."})
+    max_chain: int = field(default=384, metadata={"help": "qa/peer: chain tokens trained on per chain (longer are cut)."})
     n_layer: int = field(default=2, metadata={"help": "Transformer blocks (new model only)."})
     n_head: int = field(default=4, metadata={"help": "Attention heads (new model only)."})
     n_embd: int = field(default=128, metadata={"help": "Embedding width (new model only)."})
@@ -104,6 +114,9 @@ class TrainConfig:
             (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
             (0 <= self.dropout < 1 and 0 <= self.lora_dropout < 1, "dropout and lora_dropout must be in [0, 1)"),
             (self.positions in ("slot", "alibi"), f"positions must be slot or alibi, got {self.positions!r}"),
+            (self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}"),
+            (min(self.question_len, self.chain_span, self.result_tokens, self.chains_per_batch, self.max_chain) >= 1,
+             "question_len, chain_span, result_tokens, chains_per_batch and max_chain must be ≥ 1"),
             (self.attn_span >= 0 and (self.positions == "slot" or self.attn_span >= 1),
              "attn_span must be ≥ 0, and ≥ 1 with positions=alibi"),
         ]

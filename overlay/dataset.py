@@ -30,6 +30,9 @@ TAG_NAMES = {0: "NONE", 1: "THOUGHT", 2: "ACTION", 3: "CHECK", 4: "ANSWER"}
 MISSING_WEIGHT = -30.0
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
+CHAINS_FILE = "chains.parquet"
+CHAINS_SCHEMA = pa.schema([("chain", pa.int32()), ("ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
+                           ("split", pa.string())])
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Manifest:
     splits: dict
     present_rate: float
     chains: int = 0
+    chains_file: str = ""
 
     def to_dict(self) -> dict:
         """Plain dict for manifest.json."""
@@ -205,9 +209,25 @@ class _ShardWriter:
         self.columns = {name: [] for name in SCHEMA.names}
 
 
+def prompt_length(ids: Sequence[int]) -> int:
+    """Length of the prompt ``<Q> question`` (the selector's question memory): ids before the first step tag."""
+    return next((i for i, t in enumerate(ids) if t in STEP_TAG_IDS), len(ids))
+
+
+def write_chains(out: Path, encoded: list[list[int]], dev: set[int]) -> None:
+    """Write every chain's ids and prompt length (whole-chain training reads them with the rows), atomically."""
+    table = pa.table({"chain": list(range(len(encoded))), "ids": encoded,
+                      "prompt_len": [prompt_length(ids) for ids in encoded],
+                      "split": ["dev" if i in dev else "train" for i in range(len(encoded))]}, schema=CHAINS_SCHEMA)
+    tmp = out / f".{CHAINS_FILE}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / CHAINS_FILE)
+
+
 def _clear(out: Path) -> None:
     """Remove a previous build's manifest (first, so the folder reads as incomplete) and shards."""
     (out / MANIFEST).unlink(missing_ok=True)
+    (out / CHAINS_FILE).unlink(missing_ok=True)
     for old in [*out.glob(SHARD_GLOB), *out.glob(".shard-*.tmp")]:
         old.unlink()
 
@@ -271,11 +291,12 @@ def build_dataset(table: SemanticTable, tokenizer, chains: Iterable[Chain], out:
     if pending:
         process()
     writer.flush()
+    write_chains(out, encoded, dev)
     save_tokenizer(tokenizer, out)
     manifest = Manifest(
         rows=writer.rows, shards=writer.shards, config=asdict(config), k=k, K=K, vocab_size=vocab_size,
         tokenizer_hash=tok_hash, table={"domain": table.domain, "version": int(table.version)}, splits=counts,
-        present_rate=present_total / writer.rows if writer.rows else 0.0, chains=len(encoded),
+        present_rate=present_total / writer.rows if writer.rows else 0.0, chains=len(encoded), chains_file=CHAINS_FILE,
     )
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2))

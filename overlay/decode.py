@@ -13,21 +13,24 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from overlay.accumulator import ScoreAccumulator, SessionStore, TraceStep
-from overlay.chains import BOS, EOS, PAD, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, UNK, Chain
+from overlay.chains import ANSWER, BOS, EOS, PAD, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, UNK, Chain
 from overlay.router import Router
 from overlay.table import SemanticTable
-from overlay.tokenizer import encode
+from overlay.tokenizer import decode, encode
 
 IDS = {tag: i for i, tag in enumerate(SPECIAL_TOKENS)}
+BOS_ID = IDS[BOS]
 NEVER = frozenset(IDS[t] for t in (PAD, UNK, BOS, Q))
+NEVER_OUTSIDE_ACTION = NEVER | {IDS[RESULT]}
 TAG_IDS = frozenset(IDS.values())
 STEP_TAG_IDS = frozenset(IDS[t] for t in STEP_TAGS)
-META = "\u2581"
 
 
 @dataclass
@@ -35,7 +38,7 @@ class DecodeConfig:
     """How one chain is decoded; every field has a default so nodes and the CLI can pass a subset."""
 
     max_tokens: int = 256
-    k_candidates: int = 32
+    k_candidates: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -50,8 +53,8 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         """Reject settings that cannot decode, naming the field."""
-        if self.max_tokens < 1 or self.k_candidates < 2:
-            raise ValueError(f"max_tokens must be ≥ 1 and k_candidates ≥ 2 (got {self.max_tokens}, {self.k_candidates})")
+        if self.max_tokens < 1 or self.k_candidates == 1 or self.k_candidates < 0:
+            raise ValueError(f"max_tokens must be ≥ 1 and k_candidates ≥ 2 (0: the model's training K), got {self.max_tokens}, {self.k_candidates}")
         if self.repetition_penalty < 1 or self.repetition_window < 0:
             raise ValueError("repetition_penalty must be ≥ 1 and repetition_window ≥ 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -111,6 +114,37 @@ class DecodeState:
                    ScoreAccumulator.from_dict(data["accumulator"]), float(data.get("elapsed", 0.0)))
 
 
+def _masked(logp: torch.Tensor | list[float], allowed: list[bool] | None) -> list[float]:
+    """Scores as floats with disallowed candidates at -inf (all allowed when none is)."""
+    values = logp.tolist() if isinstance(logp, torch.Tensor) else list(logp)
+    if allowed is None or not any(allowed):
+        return values
+    return [v if ok else -math.inf for v, ok in zip(values, allowed)]
+
+
+def choose_index(logp: torch.Tensor | list[float], temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 position: int = 0, allowed: list[bool] | None = None) -> int:
+    """The one sampler: greedy (the first maximum) at temperature 0, else nucleus sampling over the allowed
+    candidates, seeded by (seed, position) so a resumed chain makes the same choices."""
+    values = _masked(logp, allowed)
+    if temperature == 0:
+        return max(range(len(values)), key=values.__getitem__)
+    probs = torch.softmax(torch.tensor(values) / temperature, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    cum = torch.cumsum(probs[order], 0)
+    keep = order[: int(torch.searchsorted(cum, torch.tensor(top_p))) + 1]
+    rng = random.Random(seed * 1_000_003 + position)
+    return int(rng.choices(keep.tolist(), weights=probs[keep].tolist())[0])
+
+
+def choice_margin(logp: torch.Tensor | list[float], allowed: list[bool] | None, choice: int) -> float:
+    """The chosen candidate's score minus the best other allowed one (0 when it is the only one)."""
+    values = _masked(logp, allowed)
+    others = values[:choice] + values[choice + 1:]
+    best = max(others) if others else values[choice]
+    return values[choice] - best if math.isfinite(best) else 0.0
+
+
 class OverlayDecoder:
     """Decode questions into chains over a table and a selector (or the table alone when model is None).
 
@@ -126,13 +160,21 @@ class OverlayDecoder:
         self.model = model.eval() if model is not None else None
         self.tokenizer = tokenizer
         self.config = config or DecodeConfig()
+        self.k = self.config.k_candidates or int(getattr(getattr(model, "config", None), "candidates", 32))
         self.sessions = sessions
         self.window = int(getattr(getattr(model, "config", None), "window", 8))
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        self.texts = [t.replace(META, " ") for t in vocab]
+        from overlay.selector.state import NumberSpans, token_texts
+
+        self.texts = token_texts(tokenizer)
         self.wordlike = [t.strip().isalpha() for t in self.texts]
         self.rep_cost = math.log(self.config.repetition_penalty)
+        self.numbers = NumberSpans(self.texts)
+        self.peer = None
+        if model is not None and getattr(model.config, "overlay_peer", False):
+            from overlay.peer import PeerScorer
+
+            self.peer = PeerScorer(model, len(self.texts))
 
     def _prompt(self, question: str) -> list[int]:
         """Token ids of ``<Q> question``, after checking the question's size."""
@@ -154,8 +196,8 @@ class OverlayDecoder:
         if not prefix.strip().startswith(Q):
             raise ValueError(f"a chain prefix starts with {Q}, got {prefix.strip()[:30]!r}")
         ids = encode(self.tokenizer, prefix)
-        state = DecodeState(question or prefix.split(Q, 1)[1].split("<")[0].strip(), ids, len(ids), Router(sep=""))
         first = next((i for i, t in enumerate(ids) if t in STEP_TAG_IDS), len(ids))
+        state = DecodeState(question or prefix.split(Q, 1)[1].split("<")[0].strip(), ids, first, Router(sep=""))
         for t in ids[first:]:
             state.router.feed(self.texts[t], is_tag=t in TAG_IDS)
         return state
@@ -166,7 +208,8 @@ class OverlayDecoder:
             self._emit(state, t, injected=True)
 
     def _emit(self, state: DecodeState, token: int, *, injected: bool, cands: list[int] | None = None, rank: int = 0,
-              score: float = 0.0, margin: float = 0.0, weight: float = 0.0, order: int = 0) -> None:
+              score: float = 0.0, margin: float = 0.0, weight: float = 0.0, order: int = 0, source: str = "table",
+              copies: list[str] | None = None) -> None:
         """Append one token to the chain, trace it, route it, and inject tool output when asked."""
         prof = self.stage_seconds
         t0 = time.perf_counter() if prof is not None else 0.0
@@ -174,7 +217,8 @@ class OverlayDecoder:
         text = self.texts[token]
         is_tag = token in TAG_IDS
         state.acc.add(TraceStep(len(state.ids) - state.prompt_len - 1, token, text.strip() or text,
-                                state.router.current_tag or "", cands or [], rank, score, margin, weight, order, injected))
+                                state.router.current_tag or "", cands or [], rank, score, margin, weight, order, injected,
+                                "tool" if injected and source == "table" else source, copies or []))
         if prof is not None:
             t1 = time.perf_counter()
             prof["accumulator"] += t1 - t0
@@ -189,22 +233,10 @@ class OverlayDecoder:
         for t in out or ():
             self._emit(state, t, injected=True)
 
-    def _choose(self, logp: torch.Tensor, position: int) -> int:
-        """Greedy, or temperature/top-p sampling seeded by (seed, position) so resumed chains match."""
-        if self.config.temperature == 0:
-            return int(torch.argmax(logp))
-        probs = torch.softmax(logp / self.config.temperature, dim=-1)
-        order = torch.argsort(probs, descending=True)
-        cum = torch.cumsum(probs[order], 0)
-        keep = order[: int(torch.searchsorted(cum, torch.tensor(self.config.top_p))) + 1]
-        rng = random.Random(self.config.seed * 1_000_003 + position)
-        return int(rng.choices(keep.tolist(), weights=probs[keep].tolist())[0])
-
-    def _penalty(self, state: DecodeState, cands: list[int]) -> torch.Tensor | None:
-        """Repetition cost per candidate: ln(penalty) × its uses among the recent generated words.
-
-        Only word tokens count (digits, operators and tags repeat legitimately, e.g. a CHECK restating an
-        ACTION), which breaks the "hats hats hats" loops small greedy models fall into.
+    def _penalty(self, state: DecodeState, cands: list[int], n: int) -> torch.Tensor | None:
+        """Repetition cost per candidate (n of them; copies cost nothing): ln(penalty) × its uses among the recent
+        generated words. Only word tokens count (digits, operators and tags repeat legitimately, e.g. a CHECK
+        restating an ACTION), which breaks the "hats hats hats" loops small greedy models fall into.
         """
         if not self.rep_cost or not self.config.repetition_window:
             return None
@@ -213,34 +245,50 @@ class OverlayDecoder:
         present = {c for c in set(recent).intersection(cands) if wordlike[c]}
         if not present:
             return None
-        counts = [recent.count(c) if c in present else 0 for c in cands]
+        counts = [recent.count(c) if c in present else 0 for c in cands] + [0] * (n - len(cands))
         return torch.tensor(counts, dtype=torch.float) * self.rep_cost
 
-    def _allowed(self, state: DecodeState, cands: list[int]) -> list[bool]:
-        """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION."""
-        if state.router.current_tag == "ACTION":
-            return [c not in NEVER for c in cands]
-        result = IDS[RESULT]
-        return [c not in NEVER and c != result for c in cands]
+    def _allowed(self, state: DecodeState, cands: list[int], copies: int) -> list[bool]:
+        """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION; a copied
+        number never starts inside another number."""
+        never = NEVER if state.router.current_tag == "ACTION" else NEVER_OUTSIDE_ACTION
+        mask = [c not in never for c in cands]
+        if copies:
+            mask += [not (self.numbers is not None and self.numbers.in_number(state.ids[-1]))] * copies
+        return mask
 
-    def _scorers(self) -> tuple[Any, Any]:
-        """The written-out forward (slot selectors) and the KV-cached one (ALiBi selectors) for the current model,
-        rebuilt whenever the model, its modules or its weights have changed; None where they do not apply."""
-        owner, fast, cached = self.__dict__.get("_paths", (None, None, None))
-        stale = owner is not self.model or any(p is not None and not p.usable(self.model) for p in (fast, cached))
+    def _scorers(self) -> tuple[Any, Any, Any]:
+        """The written-out forwards for the current model (slot, ALiBi, question-aware), rebuilt whenever the model,
+        its modules or its weights have changed; None where they do not apply."""
+        owner, fast, cached, qa = self.__dict__.get("_paths", (None, None, None, None))
+        stale = owner is not self.model or any(p is not None and not p.usable(self.model) for p in (fast, cached, qa))
         if stale:
-            from overlay.selector import CachedScorer, FastScorer  # transformers loads only when a model decodes
+            from overlay.selector import CachedScorer, FastScorer, QASelector, QAScorer  # transformers loads lazily
 
             fast, cached = FastScorer.build(self.model), CachedScorer.build(self.model)
-            self.__dict__["_paths"] = (self.model, fast, cached)
-        return fast, cached
+            qa = QAScorer(self.model, self.numbers) if type(self.model) is QASelector else None
+            self.__dict__["_paths"] = (self.model, fast, cached, qa)
+        return fast, cached, qa
 
-    def _scores(self, states: list[DecodeState], neighbours: list) -> list[torch.Tensor]:
-        """Log-probabilities over each chain's candidates: selector softmax (+ mix × table weight)."""
+    def _scores(self, states: list[DecodeState], neighbours: list) -> list[tuple[torch.Tensor, list[tuple[str, str]]]]:
+        """Per chain, log-probabilities over its candidates (table ids, then copy values) and the copies offered."""
         if self.model is None:
-            return [torch.tensor(nb.weights) for nb in neighbours]
-        fast, cached = self._scorers()
+            return [(torch.tensor(nb.weights), []) for nb in neighbours]
+        if self.peer is not None:
+            return [(self.peer.log_probs(s), []) for s in states]
+        fast, cached, qa = self._scorers()
         lengths = [len(nb.ids) for nb in neighbours]
+        if qa is not None:
+            out = []
+            for state, nb in zip(states, neighbours):
+                if state.kv is None or state.kv[0] is not qa:
+                    state.kv = (qa, qa.start(state.ids[:state.prompt_len]))
+                mem = state.kv[1]
+                qa.feed(mem, [BOS_ID, *state.ids[state.prompt_len:]])
+                logits, copies = qa.scores(mem, nb.ids)
+                row = torch.from_numpy(np.concatenate([logits, np.asarray([c[1] for c in copies], np.float32)]))
+                out.append((self._mix(torch.log_softmax(row, -1), nb), [(c[0], c[2]) for c in copies]))
+            return out
         if cached is not None and len(states) == 1:  # one chain: its own keys/values, one new row per block
             state = states[0]
             if state.kv is None or state.kv[0] is not cached:
@@ -248,10 +296,12 @@ class OverlayDecoder:
             logits = torch.from_numpy(cached.scores(state.kv[1], state.ids, neighbours[0].ids))[None]
         else:
             logits = self._window_logits(states, neighbours, lengths, fast)
-        return self._log_probs(logits, neighbours, lengths)
+        logits = logits.float().cpu()
+        return [(self._mix(torch.log_softmax(logits[row, :n], -1), nb), []) for row, (nb, n) in
+                enumerate(zip(neighbours, lengths))]
 
     def _window_logits(self, states: list[DecodeState], neighbours: list, lengths: list[int], fast: Any) -> torch.Tensor:
-        """Candidate logits [B,Kmax] from each chain's last k tokens (PAD-filled) through the selector."""
+        """Candidate logits [B,Kmax] from each chain's last k tokens (PAD-filled) through a window selector."""
         k = self.window
         rows = [s.ids[-k:] for s in states]
         full = all(len(r) == k for r in rows)
@@ -264,22 +314,26 @@ class OverlayDecoder:
         with torch.inference_mode():
             return self.model.score(windows.to(self.device), cands.to(self.device))
 
-    def _log_probs(self, logits: torch.Tensor, neighbours: list, lengths: list[int]) -> list[torch.Tensor]:
-        """Per chain, log-softmax over its own candidates (+ mix × table weight)."""
-        logits = logits.float().cpu()
-        out = []
-        for row, (nb, n) in enumerate(zip(neighbours, lengths)):
-            logp = torch.log_softmax(logits[row, :n], -1)
-            if self.config.mix:
-                logp = logp + self.config.mix * torch.tensor(nb.weights)
-            out.append(logp)
-        return out
+    def _mix(self, logp: torch.Tensor, nb: Any) -> torch.Tensor:
+        """Add mix × table weight to the table candidates' log-probabilities (copies get no table weight)."""
+        if not self.config.mix:
+            return logp
+        weights = torch.zeros(len(logp))
+        weights[:len(nb.weights)] = torch.tensor(nb.weights)
+        return logp + self.config.mix * weights
+
+    def _candidates(self, states: list[DecodeState]) -> list:
+        """GetNeighbours for every chain in one pipelined round trip (the whole vocabulary for the full-context peer)."""
+        if self.peer is not None:
+            return [self.peer.vocabulary] * len(states)
+        return self.table.neighbours_batch([s.ids[-self.table.max_order:] for s in states], self.k)
 
     def step(self, states: list[DecodeState]) -> None:
-        """One token for every chain in ``states``: one pipelined lookup and one batched selector forward."""
+        """One decision for every chain in ``states``: one pipelined lookup and one selector step each. A copied
+        number is one decision that emits all its digits."""
         prof = self.stage_seconds
         t0 = time.perf_counter() if prof is not None else 0.0
-        neighbours = self.table.neighbours_batch([s.ids[-self.table.max_order:] for s in states], self.config.k_candidates)
+        neighbours = self._candidates(states)
         if prof is not None:
             t1 = time.perf_counter()
             prof["lookup"] += t1 - t0
@@ -287,32 +341,36 @@ class OverlayDecoder:
         if prof is not None:
             t0 = time.perf_counter()
             prof["selector"] += t0 - t1
-        greedy = self.config.temperature == 0
-        for state, nb, logp in zip(states, neighbours, scores):
-            allowed = self._allowed(state, nb.ids)
-            penalty = self._penalty(state, nb.ids)
+        for state, nb, (logp, copies) in zip(states, neighbours, scores):
+            n_table = len(nb.ids)
+            allowed = self._allowed(state, nb.ids, len(copies))
+            penalty = self._penalty(state, nb.ids, len(logp))
             adjusted = logp - penalty if penalty is not None else logp
-            if greedy:  # the same choice, score and margin as the tensor path below, on plain floats (K is small)
-                values = adjusted.tolist()
-                masked = [v if ok else -math.inf for v, ok in zip(values, allowed)] if any(allowed) else values
-                choice = max(range(len(masked)), key=masked.__getitem__)  # the first maximum, as torch.argmax
-                other = max(masked[:choice] + masked[choice + 1:]) if len(masked) > 1 else masked[0]
-                score = values[choice] if penalty is None else float(logp[choice])
+            choice = choose_index(adjusted, self.config.temperature, self.config.top_p, self.config.seed,
+                                  len(state.ids), allowed)
+            margin = choice_margin(adjusted, allowed, choice)
+            score = float(logp[choice])
+            if choice < n_table:
+                tokens, source = [nb.ids[choice]], "table"
             else:
-                mask = torch.tensor(allowed)
-                masked = adjusted.masked_fill(~mask, -math.inf) if mask.any() else adjusted
-                choice = self._choose(masked, len(state.ids))
-                top2 = torch.topk(masked, min(2, len(nb.ids))).values
-                other = float(top2[1]) if len(top2) > 1 and int(torch.argmax(masked)) == choice else float(top2[0])
-                masked = masked.tolist()
-                score = float(logp[choice])
-            token = nb.ids[choice]
+                value, source = copies[choice - n_table]
+                tokens = self.numbers.tokens(value)
             if prof is not None:
                 prof["choose"] += time.perf_counter() - t0
-            if token in TAG_IDS and token != IDS[RESULT] and state.router.current_tag == "ACTION":
+            tag = state.router.current_tag
+            answered = tokens[0] in STEP_TAG_IDS and tag == "ANSWER" and state.ids[-1] != IDS[ANSWER]
+            if answered:
+                tokens = [IDS[EOS]]  # a new step after a finished answer ends the chain: the stray tag is not kept
+            if tokens[0] in TAG_IDS and tokens[0] != IDS[RESULT] and tag == "ACTION":
                 self._emit(state, IDS[RESULT], injected=True)
-            self._emit(state, token, injected=False, cands=nb.ids, rank=choice, score=score,
-                       margin=masked[choice] - other, weight=nb.weights[choice], order=nb.order)
+            offered = [f"{src}:{value}" for value, src in copies]
+            self._emit(state, tokens[0], injected=False, cands=nb.ids, rank=choice, score=score, margin=margin,
+                       weight=nb.weights[choice] if choice < n_table else 0.0, order=nb.order, source=source,
+                       copies=offered)
+            for t in tokens[1:]:
+                self._emit(state, t, injected=True, source="copy")
+            if answered:
+                state.acc.stop_reason = "answer"
             if prof is not None:
                 t0 = time.perf_counter()
             self._check_stop(state)
@@ -322,20 +380,18 @@ class OverlayDecoder:
                 t0 = t1
 
     def _check_stop(self, state: DecodeState) -> None:
-        """Stop at <EOS>, at the end of the ANSWER step, at the token limit, or by the accumulator's rule."""
+        """Stop at <EOS>, at a repeated step, at the token limit, or by the accumulator's rule. A chain cut by its
+        token limit keeps its open step, so a later call with a larger limit continues it."""
         acc, router = state.acc, state.router
         if acc.stop_reason:
             return
         last = state.ids[-1]
-        if router.answer is not None and last in TAG_IDS and last != IDS[EOS] and len(router.steps) and router.steps[-1].tag == "ANSWER":
-            acc.stop_reason = "answer"
-            router.finish()
-            return
         if last in TAG_IDS and router.steps and self._repeats(router) >= self.config.max_step_repeats:
             acc.stop_reason = "repetition"
             router.finish()
             return
-        if acc.should_stop(self.config.max_tokens, self.config.min_mean_logprob) and not router.done:
+        reason = acc.should_stop(self.config.max_tokens, self.config.min_mean_logprob)
+        if reason and reason != "max_tokens" and not router.done:
             router.finish()
 
     @staticmethod
@@ -347,7 +403,10 @@ class OverlayDecoder:
     def result(self, state: DecodeState, session_id: str | None = None) -> DecodeResult:
         """The chain decoded so far as a DecodeResult (text, answer, steps, verdicts, tool calls, trace)."""
         r = state.router
-        text = "".join(self.texts[t] for t in state.ids)
+        if not r.done:  # the view of a chain still open (cut by a limit) closes its last step; the state stays open
+            r = Router.from_dict(r.to_dict())
+            r.finish()
+        text = decode(self.tokenizer, state.ids)
         return DecodeResult(
             question=state.question, text=" ".join(text.split()), answer=r.answer, stop_reason=state.acc.stop_reason or "running",
             steps=[{"tag": s.tag, "text": s.text} for s in r.steps],
@@ -373,6 +432,11 @@ class OverlayDecoder:
                 state = DecodeState.from_dict(saved)
                 if question and " ".join(question.split()) != state.question:
                     raise ValueError(f"session {session_id!r} belongs to another question: {state.question[:60]!r}")
+                if state.acc.stop_reason == "max_tokens" and len(state.acc.steps) < self.config.max_tokens:
+                    state.acc.stop_reason = None  # a larger limit than the one that cut it: continue
+            elif not (question or "").strip():
+                raise ValueError(f"session {session_id!r} does not exist (never started, or expired after "
+                                 f"{self.config.session_ttl_s} s): give the question to start it")
         if state is None:
             state = self.new_state(question)
         start = time.perf_counter()
@@ -389,6 +453,13 @@ class OverlayDecoder:
         self._save(session_id, state)
         return self.result(state, session_id)
 
+    def warm_up(self) -> None:
+        """Run a few decode steps on a throwaway question, so the first real question pays no set-up cost."""
+        state = self.new_state("warm up with 12 and 3")
+        for _ in range(4):
+            if not state.acc.stop_reason:
+                self.step([state])
+
     def generate_batch(self, questions: list[str]) -> list[DecodeResult]:
         """Decode many questions at once: one pipelined lookup and one batched forward per token position."""
         states = [self.new_state(q) for q in questions]
@@ -403,54 +474,41 @@ class OverlayDecoder:
         return [self.result(s, None) for s in states]
 
 
-@functools.lru_cache(maxsize=8)
-def _cached(domain: str, model_dir: str, redis_url: str | None, device: str, config: tuple) -> OverlayDecoder:
+def _client(redis_url: str | None) -> Any:
+    """The Redis client for a URL (``store.connect`` keeps one per data directory and restarts a dead server)."""
     from overlay import store
+
+    return store.connect(redis_url)
+
+
+def model_fingerprint(folder: str | Path) -> tuple:
+    """(name, size, mtime) of a model folder's files: changes when the model is retrained or replaced."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(domain: str, model_dir: str, redis_url: str | None, device: str, config: tuple, version: int | None,
+            fingerprint: tuple) -> OverlayDecoder:
     from overlay.selector import load_selector
     from overlay.tokenizer import tokenizer_hash
 
-    client = store.connect(redis_url)
-    table = SemanticTable(client, domain)
+    client = _client(redis_url)
+    table = SemanticTable(client, domain, version)
     model, tokenizer = load_selector(model_dir, device=device)
     if table.meta.get("tokenizer_hash") and table.meta["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise ValueError(f"model {model_dir} was trained with another tokenizer than table {domain!r} v{table.version}")
-    return OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client))
+    decoder = OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client))
+    decoder.warm_up()
+    return decoder
 
 
 def load_decoder(domain: str, model_dir: str, redis_url: str | None = None, device: str = "cpu", **config: Any) -> OverlayDecoder:
-    """A decoder for a domain's active table and a selector folder, cached per arguments (nodes reuse it)."""
-    return _cached(domain, str(model_dir), redis_url, device, tuple(sorted(config.items())))
+    """A decoder for a domain's active table and a selector folder, cached per arguments, the table's active version
+    and the model files (a rebuilt table or a retrained model is picked up by the next call); warmed up once."""
+    from overlay.table import active_version
 
-
-def verification_success(table: SemanticTable, model: torch.nn.Module | None, tokenizer, chains: list[Chain],
-                         config: DecodeConfig | None = None) -> dict[str, Any]:
-    """Decode held-out questions with the overlay and with the table alone; report well-formed chains,
-    executed ACTIONs, passed CHECKs and exact-match answers for both, measured in the same run."""
-    out: dict[str, Any] = {"questions": len(chains)}
-    methods = {"overlay": model, "table_only": None} if model is not None else {"table_only": None}
-    for name, m in methods.items():
-        decoder = OverlayDecoder(table, m, tokenizer, config)
-        results = decoder.generate_batch([c.question for c in chains])
-        calls = [c for r in results for c in r.tool_calls]
-        verdicts = [v for r in results for v in r.verdicts]
-        out[name] = {
-            "well_formed": sum(r.well_formed for r in results) / max(1, len(results)),
-            "actions": len(calls),
-            "actions_executed": sum(c["ok"] for c in calls) / max(1, len(calls)),
-            "checks": len(verdicts),
-            "checks_passed": sum(v["verdict"] == "pass" for v in verdicts) / max(1, len(verdicts)),
-            "exact_match": sum(_same(r.answer, c.answer) for r, c in zip(results, chains)) / max(1, len(chains)),
-            "mean_tokens": sum(r.tokens for r in results) / max(1, len(results)),
-            "stop_reasons": {k: sum(r.stop_reason == k for r in results) for k in {r.stop_reason for r in results}},
-        }
-    return out
-
-
-def _same(got: str | None, want: str) -> bool:
-    """Numeric equality of two answers (tolerating '72' vs '72.0'); text equality otherwise."""
-    if got is None:
-        return False
-    try:
-        return math.isclose(float(got), float(want.replace(",", "")), rel_tol=1e-9)
-    except ValueError:
-        return got.strip() == want.strip()
+    version = active_version(_client(redis_url), domain)
+    return _cached(domain, str(model_dir), redis_url, device, tuple(sorted(config.items())), version,
+                   model_fingerprint(model_dir))

@@ -116,8 +116,9 @@ def evaluate(table: SemanticTable, model, tokenizer, chains: Iterable[Chain], *,
     start = time.perf_counter()
     if K < 2:
         raise ValueError(f"K must be ≥ 2, got {K}")
+    qa = getattr(model.config, "model_type", "") == "overlay-qa-selector"
     window = getattr(model.config, "window", None)
-    k = k or window
+    k = k or window or (1 if qa else None)
     if not k or k < 1 or (window and k > window):
         raise ValueError(f"window k={k} must be ≥ 1 and at most the model's window ({window}); give k for HF models")
     tok_hash = _check_inputs(table, model, tokenizer)
@@ -139,6 +140,9 @@ def evaluate(table: SemanticTable, model, tokenizer, chains: Iterable[Chain], *,
     tune_rows = is_dev if tuned_on == "dev" else np.ones(n, dtype=bool)
     report = ~is_dev if tuned_on == "dev" else np.ones(n, dtype=bool)
 
+    if qa:
+        return _qa_results(model, tokenizer, list(chains), data, cands, label, rank, report, tune_rows, ks, K, k, table,
+                           tok_hash, tuned_on, start)
     logp, full_hit, full_rank = _model_scores(model, data["window"], cands, target)
     grid = []
     for lam in LAMBDAS:
@@ -170,6 +174,69 @@ def evaluate(table: SemanticTable, model, tokenizer, chains: Iterable[Chain], *,
     }
 
 
+def _qa_hits(model, tokenizer, chains: list[Chain], data: dict, cands: np.ndarray,
+             label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy@1, reciprocal rank and "scored" mask of the question-aware selector over the table's K candidates plus its copy
+    values, one forward per chain (a target spelled by a visible number counts as its copy value; the positions
+    inside a copied number are not scored, as in decoding)."""
+    from overlay.dataset import prompt_length
+    from overlay.selector.batches import collate, make_example
+    from overlay.selector.state import NumberSpans, token_texts
+
+    numbers = NumberSpans(token_texts(tokenizer))
+    hit = np.zeros(len(label), dtype=bool)
+    rr = np.zeros(len(label))
+    scored = np.zeros(len(label), dtype=bool)
+    device = next(model.parameters()).device
+    for cid, chain in enumerate(chains):
+        rows = np.flatnonzero(data["chain"] == cid)
+        if not len(rows):
+            continue
+        ids = encode(tokenizer, chain.to_text())
+        plen = prompt_length(ids)
+        labels = np.where(label[rows] >= 0, label[rows], -1).tolist()
+        ex = make_example(ids, plen, data["position"][rows].tolist(), cands[rows].tolist(), labels, numbers,
+                          model.config, len(ids) + 1)
+        kept = rows[np.isin(data["position"][rows], np.asarray(ex.at) + plen)]
+        batch = collate([ex], device)
+        batch.pop("labels")
+        with torch.inference_mode():
+            logits = model(**batch).logits.float().cpu().numpy()
+        gold = np.asarray(ex.labels)
+        true = np.take_along_axis(logits, np.maximum(gold, 0)[:, None], 1)[:, 0]
+        found = gold >= 0
+        hit[kept] = found & (logits.argmax(-1) == gold)
+        rr[kept] = np.where(found, 1.0 / ((logits > true[:, None]).sum(-1) + 1), 0.0)
+        scored[kept] = True
+    return hit, rr, scored
+
+
+def _qa_results(model, tokenizer, chains: list[Chain], data: dict, cands: np.ndarray, label: np.ndarray,
+                rank: np.ndarray, report: np.ndarray, tune_rows: np.ndarray, ks: list[int], K: int, k: int,
+                table: SemanticTable, tok_hash: str, tuned_on: str, start: float) -> dict:
+    """Next-token results for a question-aware selector: the table alone and the overlay (K + copies) on the
+    positions the overlay scores."""
+    hit, rr, scored = _qa_hits(model, tokenizer, chains, data, cands, label)
+    report = report & scored
+    per_row = {"table": (rank == 0, np.where(label >= 0, 1.0 / (np.maximum(label, 0) + 1), 0.0)), "overlay": (hit, rr)}
+
+    def block(rows: np.ndarray) -> dict:
+        return {"n": int(rows.sum()), **{m: _summary(h, r, rows) for m, (h, r) in per_row.items()}}
+
+    recall = {str(c): float(((rank >= 0) & (rank < c))[report].mean()) for c in ks}
+    methods = {m: _summary(h, r, report) for m, (h, r) in per_row.items()}
+    return {
+        "chains": len(chains), "positions": int(report.sum()), "dev_positions": int(tune_rows.sum()), "K": K, "k": k,
+        "table": {"domain": table.domain, "version": int(table.version)}, "tokenizer_hash": tok_hash,
+        "recall": recall, "recall_at_K": recall[str(K)], "methods": methods, "full_vocab_accuracy": None,
+        "lambda": 0.0, "lambda_tuned_on": tuned_on, "lambda_grid": [],
+        "by_tag": {name: block(report & (data["tag"] == code)) for code, name in TAG_GROUPS.items()},
+        "by_position": {bucket_name(lo, hi): block(report & (data["position"] >= lo) & (hi is None or data["position"] <= hi))
+                        for lo, hi in BUCKETS},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 def _markdown(results: dict) -> str:
     """eval.md: overview, recall, λ grid and the breakdowns as Markdown tables."""
     r = results
@@ -178,15 +245,16 @@ def _markdown(results: dict) -> str:
              f"K={r['K']}, k={r['k']}, λ={r['lambda']} tuned on {r['dev_positions']} {r['lambda_tuned_on']} positions.", "",
              "| method | accuracy@1 | MRR |", "|---|---|---|"]
     lines += [f"| {METHODS[m]} | {v['accuracy']:.4f} | {v['mrr']:.4f} |" for m, v in r["methods"].items()]
+    present = {m: METHODS[m] for m in r["methods"]}
     lines += ["", f"Table recall@K (the overlay's ceiling): recall@{r['K']} = {r['recall_at_K']:.4f}", "",
               "| K | " + " | ".join(r["recall"]) + " |", "|---|" + "---|" * len(r["recall"]),
               "| recall | " + " | ".join(f"{v:.4f}" for v in r["recall"].values()) + " |", "",
               "| λ | dev accuracy@1 | dev MRR |", "|---|---|---|"]
     lines += [f"| {g['lambda']} | {g['dev_accuracy']:.4f} | {g['dev_mrr']:.4f} |" for g in r["lambda_grid"]]
     for title, groups in (("By tag (accuracy@1)", r["by_tag"]), ("By position (accuracy@1)", r["by_position"])):
-        lines += ["", f"## {title}", "", "| group | n | " + " | ".join(METHODS.values()) + " |",
-                  "|---|---|" + "---|" * len(METHODS)]
-        lines += [f"| {g} | {v['n']} | " + " | ".join(f"{v[m]['accuracy']:.4f}" for m in METHODS) + " |"
+        lines += ["", f"## {title}", "", "| group | n | " + " | ".join(present.values()) + " |",
+                  "|---|---|" + "---|" * len(present)]
+        lines += [f"| {g} | {v['n']} | " + " | ".join(f"{v[m]['accuracy']:.4f}" for m in present) + " |"
                   for g, v in groups.items()]
     return "\n".join(lines) + "\n"
 
@@ -198,10 +266,11 @@ def _bar_plot(groups: dict, title: str, path: Path) -> None:
     fig = Figure(figsize=(8, 5.5))
     ax = fig.subplots()
     names = list(groups)
-    width = 0.8 / len(METHODS)
-    for i, (m, label) in enumerate(METHODS.items()):
+    methods = {m: label for m, label in METHODS.items() if m in next(iter(groups.values()))}
+    width = 0.8 / len(methods)
+    for i, (m, label) in enumerate(methods.items()):
         ax.bar(np.arange(len(names)) + i * width, [groups[g][m]["accuracy"] for g in names], width, label=label)
-    ax.set_xticks(np.arange(len(names)) + width * (len(METHODS) - 1) / 2, [f"{g}\n(n={groups[g]['n']})" for g in names])
+    ax.set_xticks(np.arange(len(names)) + width * (len(methods) - 1) / 2, [f"{g}\n(n={groups[g]['n']})" for g in names])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy@1")
     ax.set_title(title)
@@ -218,7 +287,7 @@ def _recall_plot(results: dict, path: Path) -> None:
     ax = fig.subplots()
     ks = [int(c) for c in results["recall"]]
     ax.plot(ks, list(results["recall"].values()), marker="o", label="table recall@K")
-    for m in ("overlay", "overlay_mixed", "full_vocab"):
+    for m in [m for m in ("overlay", "overlay_mixed", "full_vocab") if m in results["methods"]]:
         ax.axhline(results["methods"][m]["accuracy"], linestyle="--", linewidth=1, label=f"{METHODS[m]} acc@1",
                    color={"overlay": "C1", "overlay_mixed": "C2", "full_vocab": "C3"}[m])
     ax.set_xscale("log", base=2)

@@ -17,10 +17,12 @@ from typing import Any
 from overlay import store
 from overlay import table as tbl
 from overlay.chains import ConversionReport, load_chains
-from overlay.decode import DecodeConfig, OverlayDecoder, verification_success
-from overlay.tokenizer import encode, load_tokenizer, tokenizer_hash, train_tokenizer
+from overlay.decode import DecodeConfig
+from overlay.generation import generation_markdown, heldout_variants, verification_success
+from overlay.tokenizer import (TokenizerMismatch, check_tokenizers, encode, load_tokenizer, tokenizer_hash,
+                               train_tokenizer)
 
-EXAMPLE_QUESTIONS = 3
+EXAMPLE_VARIANTS = 2
 
 
 @dataclass
@@ -28,14 +30,15 @@ class QuickstartConfig:
     """Sizes for the quickstart: small enough for about five minutes on two CPU cores."""
 
     domain: str = "gsm8k-sample"
-    steps: int = 600
-    batch_size: int = 128
+    steps: int = 300
+    chains_per_batch: int = 8
     n_layer: int = 2
     n_embd: int = 128
     eval_chains: int = 100
     generate: int = 20
-    max_tokens: int = 160
-    threads: int = 1
+    variant_tracks: int = 10
+    max_tokens: int = 200
+    threads: int = 2
 
 
 def build_table_from_file(client, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,
@@ -71,8 +74,11 @@ def _matches(manifest_file: Path, table: tbl.SemanticTable) -> bool:
     if not manifest_file.exists():
         return False
     manifest = json.loads(manifest_file.read_text())
-    return manifest.get("table") == {"domain": table.domain, "version": table.version} and \
-        manifest.get("tokenizer_hash") == table.meta.get("tokenizer_hash")
+    try:
+        check_tokenizers({"table": table.meta.get("tokenizer_hash"), "dataset": manifest.get("tokenizer_hash")})
+    except TokenizerMismatch:
+        return False
+    return manifest.get("table") == {"domain": table.domain, "version": table.version}
 
 
 def ensure_model(table: tbl.SemanticTable, train_file: Path, home: Path, cfg: QuickstartConfig, fresh: bool, log) -> Path:
@@ -87,8 +93,9 @@ def ensure_model(table: tbl.SemanticTable, train_file: Path, home: Path, cfg: Qu
         log(f"dataset {data}: {manifest.rows} rows, table recall in rows {manifest.present_rate:.3f}")
         shutil.rmtree(model, ignore_errors=True)
     if not (model / "train_result.json").exists() or not _matches(data / "manifest.json", table):
-        result = train(TrainConfig(data=str(data), out=str(model), steps=cfg.steps, batch_size=cfg.batch_size,
-                                   n_layer=cfg.n_layer, n_embd=cfg.n_embd, threads=cfg.threads, eval_every=200))
+        result = train(TrainConfig(data=str(data), out=str(model), steps=cfg.steps, chains_per_batch=cfg.chains_per_batch,
+                                   n_layer=cfg.n_layer, n_embd=cfg.n_embd, threads=cfg.threads, eval_every=100,
+                                   warmup=30))
         log(f"selector {model}: eval accuracy {result.eval_accuracy:.3f}, {result.tokens_per_s:.0f} tokens/s, "
             f"{result.seconds:.0f} s, {result.params} parameters")
     else:
@@ -118,29 +125,26 @@ def run_quickstart(data_dir: Path, cfg: QuickstartConfig, *, fresh: bool = False
     test = load_chains(test_file, "gsm8k").chains
     results: dict[str, Any] = evaluate(table, model, tok, test[: cfg.eval_chains])
     decode_cfg = DecodeConfig(max_tokens=cfg.max_tokens)
-    results["generation"] = verification_success(table, model, tok, test[: cfg.generate], decode_cfg)
-    decoder = OverlayDecoder(table, model, tok, decode_cfg)
-    examples = [decoder.generate(c.question).to_dict() | {"expected": c.answer} for c in test[:EXAMPLE_QUESTIONS]]
+    results["generation"] = verification_success(table, model, tok, test[: cfg.generate], decode_cfg, keep=1)
+    variants = heldout_variants(str(train_file), cfg.variant_tracks)
+    results["variants"] = verification_success(table, model, tok, variants, decode_cfg, keep=len(variants))
+    examples = [ex | {"label": "held-out variant of a training question (numbers and names changed, never trained)"}
+                for ex in results["variants"]["overlay"].pop("examples") if ex["well_formed"]][:EXAMPLE_VARIANTS]
+    examples += [ex | {"label": "test question (never trained), whatever the outcome"}
+                 for ex in results["generation"]["overlay"].pop("examples")]
+    for gen in (results["generation"], results["variants"]):
+        gen["table_only"].pop("examples")
     report = home / "reports" / time.strftime("quickstart-%Y%m%d-%H%M%S")
     tmp = report.with_name(report.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write_report(results, tmp)
     (tmp / "examples.json").write_text(json.dumps(examples, indent=1))
     with (tmp / "eval.md").open("a") as md:
-        md.write(generation_markdown(results["generation"]))
+        md.write(generation_markdown(results["generation"], "Test questions decoded end to end"))
+        md.write(generation_markdown(results["variants"], "Held-out variants of training questions"))
         for ex in examples:
-            md.write(f"\n### {ex['question']}\n\n```\n{ex['text']}\n```\n\nanswer {ex['answer']} (expected {ex['expected']}), "
-                     f"stop: {ex['stop_reason']}, {ex['tokens']} tokens\n")
+            md.write(f"\n### {ex['label']}: {ex['question']}\n\n```\n{ex['text']}\n```\n\nanswer {ex['answer']} "
+                     f"(expected {ex['expected']}), stop: {ex['stop_reason']}, {ex['tokens']} tokens\n")
     os.replace(tmp, report)
     log(f"done in {time.perf_counter() - start:.0f} s")
     return report
-
-
-def generation_markdown(gen: dict[str, Any]) -> str:
-    """Verification-success table (overlay against table-only decoding) as Markdown."""
-    rows = ["well_formed", "actions_executed", "checks_passed", "exact_match", "mean_tokens"]
-    methods = [m for m in ("overlay", "table_only") if m in gen]
-    lines = [f"\n## Verification success on {gen['questions']} questions\n", "| measure | " + " | ".join(methods) + " |",
-             "|---|" + "---|" * len(methods)]
-    lines += [f"| {r} | " + " | ".join(f"{gen[m][r]:.3f}" for m in methods) + " |" for r in rows]
-    return "\n".join(lines) + "\n"

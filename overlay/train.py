@@ -13,11 +13,12 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,9 +28,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from overlay.configs import TrainConfig
+from overlay.dataset import target_mask
+from overlay.peer import peer_accuracy, peer_batch, peer_model
 from overlay.selector import (
     LORA_TARGETS,
     TOKENIZER_FILE,
+    HFCausalSelector,
+    QASelector,
+    QASelectorConfig,
     WEIGHTS_FILE,
     Selector,
     SelectorConfig,
@@ -40,6 +46,8 @@ from overlay.selector import (
     resolve_device,
     save_selector,
 )
+from overlay.selector.batches import ChainSource, collate, load_chains_with_rows, make_example
+from overlay.selector.state import NumberSpans, token_texts
 from overlay.table import check_domain
 from overlay.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -173,8 +181,8 @@ def _model_hash(model: Selector, folder: Path | None) -> str:
 def check_compatible(model: Selector, manifest: dict, folder: Path | None) -> None:
     """Raise ValueError when the dataset's window, vocabulary or tokenizer does not fit the base model."""
     where = f"base model {folder}" if folder else "model"
-    if isinstance(model, SelectorModel):
-        if int(manifest["k"]) > model.config.window:
+    if isinstance(model, (SelectorModel, QASelector)):
+        if isinstance(model, SelectorModel) and int(manifest["k"]) > model.config.window:
             raise ValueError(f"window: dataset k={manifest['k']} is longer than {where}'s k={model.config.window}")
         if manifest.get("vocab_size") is not None and int(manifest["vocab_size"]) != model.config.vocab_size:
             raise ValueError(f"vocab_size does not match: dataset {manifest['vocab_size']}, "
@@ -314,13 +322,23 @@ def _build(config: TrainConfig, manifest: dict, out: Path) -> tuple[torch.nn.Mod
                                  "must belong to the model stored there")
         targets = [t.strip() for t in config.target_modules.split(",") if t.strip()]
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets or (list(LORA_TARGETS) if isinstance(model, SelectorModel) else None))
+                          target_modules=targets or (list(LORA_TARGETS) if isinstance(model, (SelectorModel, QASelector)) else None))
         return get_peft_model(model, lora, adapter_name=name), name
     if config.base:
         base = check_model_folder(config.base, tokenizer=False)
         model = load_model(base)
         check_compatible(model, manifest, base)
         return model, ""
+    tok_hash = manifest.get("tokenizer_hash") or ""
+    if config.arch == "qa":
+        return QASelector(QASelectorConfig(
+            vocab_size=int(manifest["vocab_size"]), n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+            dropout=config.dropout, question_len=config.question_len, attn_span=config.chain_span,
+            result_tokens=config.result_tokens, candidates=int(manifest["K"]), tokenizer_hash=tok_hash)), ""
+    if config.arch == "peer":
+        return peer_model(int(manifest["vocab_size"]), config.n_layer, config.n_head, config.n_embd,
+                          n_positions=config.question_len + config.max_chain + 1, tokenizer_hash=tok_hash,
+                          dropout=config.dropout), ""
     model = SelectorModel(SelectorConfig(
         vocab_size=int(manifest["vocab_size"]), window=int(manifest["k"]), n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, positions=config.positions,
@@ -354,17 +372,30 @@ def train(config: TrainConfig, progress: bool = True,
         torch.set_num_threads(previous)
 
 
-def _run(config: TrainConfig, device: torch.device, progress: bool,
-         on_step: Callable[[int, dict], None] | None) -> TrainResult:
-    """The training loop behind ``train``."""
-    data, out = Path(config.data), Path(config.out)
-    manifest = read_manifest(data)
+class WindowSource:
+    """Batches of token windows (the window selector's rows), drawn as ``batch_indices`` says."""
+
+    def __init__(self, train: Rows, held: Rows, batch_size: int, seed: int, device: torch.device) -> None:
+        self.train, self.held, self.batch_size, self.seed, self.device = train, held, batch_size, seed, device
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def batch(self, step: int) -> dict:
+        """The rows of one training step as model keyword arguments."""
+        window, cands, label = self.train.take(batch_indices(step, len(self.train), self.batch_size, self.seed), self.device)
+        return {"input_ids": window, "candidate_ids": cands, "labels": label}
+
+    def held_out(self, chunk: int = 4096) -> Iterator[dict]:
+        """The held-out rows in chunks."""
+        for start in range(0, len(self.held), chunk):
+            window, cands, label = self.held.take(torch.arange(start, min(start + chunk, len(self.held))), self.device)
+            yield {"input_ids": window, "candidate_ids": cands, "labels": label}
+
+
+def _window_source(config: TrainConfig, data: Path, manifest: dict, device: torch.device) -> WindowSource:
+    """Rows split into training and held-out (a seeded sample of eval_rows) for the window selector."""
     rows = load_rows(data, manifest, config.max_rows)
-    if "vocab_size" not in manifest and not (config.base or config.lora):
-        raise ValueError(f"dataset {data}: manifest.json has no vocab_size to size a new model")
-    torch.manual_seed(config.seed)
-    model, adapter = _build(config, manifest, out)
-    model.to(device).train()
     held = torch.from_numpy(held_out_mask(rows.chain.numpy(), rows.dev.numpy()))
     train_idx, eval_idx = (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
     if len(train_idx) == 0:
@@ -372,9 +403,75 @@ def _run(config: TrainConfig, device: torch.device, progress: bool,
     if config.eval_rows and len(eval_idx) > config.eval_rows:
         pick = torch.randperm(len(eval_idx), generator=torch.Generator().manual_seed(config.seed))
         eval_idx = eval_idx[pick[:config.eval_rows].sort().values]
-    train_rows = Rows(*(t[train_idx] for t in (rows.window, rows.candidates, rows.label, rows.chain, rows.dev)))
-    eval_rows = Rows(*(t[eval_idx] for t in (rows.window, rows.candidates, rows.label, rows.chain, rows.dev)))
-    total = config.epochs * max(1, len(train_rows) // config.batch_size) if config.epochs else config.steps
+    cols = (rows.window, rows.candidates, rows.label, rows.chain, rows.dev)
+    return WindowSource(Rows(*(c[train_idx] for c in cols)), Rows(*(c[eval_idx] for c in cols)), config.batch_size,
+                        config.seed, device)
+
+
+def _chain_source(config: TrainConfig, model: torch.nn.Module, data: Path, manifest: dict,
+                  device: torch.device) -> ChainSource:
+    """Whole chains for the question-aware selector (examples with copy labels) or the full-context peer."""
+    chains = load_chains_with_rows(data, manifest, config.max_rows)
+    base = getattr(model, "base_model", model)
+    base = getattr(base, "model", base)
+    if isinstance(base, QASelector):
+        numbers = NumberSpans(token_texts(load_tokenizer(data)))
+        examples = [make_example(ids, plen, *rows, numbers, base.config, config.max_chain) for ids, plen, _, rows in chains]
+        collate_fn: Callable[[list], dict] = lambda batch: collate(batch, device)  # noqa: E731
+    else:
+        limit = int(getattr(base.config, "n_positions", 1024))
+        examples = [(ids, target_mask(ids)) for ids, _, _, _ in chains]
+        collate_fn = lambda batch: peer_batch(batch, limit, device)  # noqa: E731
+    dev = [d for _, _, d, _ in chains]
+    train = [e for e, d in zip(examples, dev) if not d]
+    held = [e for e, d in zip(examples, dev) if d]
+    if not train:
+        raise ValueError(f"dataset {data}: every chain is in the held-out split, nothing left to train on")
+    if config.eval_rows:
+        held = held[:max(1, config.eval_rows // 100)]
+    return ChainSource(train, held, collate_fn, config.chains_per_batch, config.seed)
+
+
+def _correct(output: Any, batch: dict) -> tuple[int, int]:
+    """(correct, scored) predictions of one batch: candidate accuracy@1, or next-token accuracy for the peer."""
+    labels = batch["labels"]
+    if output.logits.dim() == 3:
+        return peer_accuracy(output.logits, labels)
+    scored = labels != -100
+    return int(((output.logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())
+
+
+def evaluate_source(model: torch.nn.Module, source: Any, autocast: Callable) -> tuple[float, float]:
+    """Mean loss and accuracy@1 over a source's held-out batches (weighted by scored positions)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, scored = 0.0, 0, 0
+    with torch.inference_mode(), autocast():
+        for batch in source.held_out():
+            output = model(**batch)
+            hit, n = _correct(output, batch)
+            loss_sum += output.loss.item() * n
+            correct, scored = correct + hit, scored + n
+    model.train(was_training)
+    return loss_sum / max(1, scored), correct / max(1, scored)
+
+
+def _run(config: TrainConfig, device: torch.device, progress: bool,
+         on_step: Callable[[int, dict], None] | None) -> TrainResult:
+    """The training loop behind ``train``: one loop for window rows and whole chains."""
+    data, out = Path(config.data), Path(config.out)
+    manifest = read_manifest(data)
+    if "vocab_size" not in manifest and not (config.base or config.lora):
+        raise ValueError(f"dataset {data}: manifest.json has no vocab_size to size a new model")
+    torch.manual_seed(config.seed)
+    model, adapter = _build(config, manifest, out)
+    model.to(device).train()
+    base = getattr(getattr(model, "base_model", model), "model", model)
+    windows = isinstance(base, (SelectorModel, HFCausalSelector)) and not getattr(base.config, "overlay_peer", False)
+    source = (_window_source(config, data, manifest, device) if windows
+              else _chain_source(config, model, data, manifest, device))
+    per_epoch = len(source) // (config.batch_size if windows else config.chains_per_batch)
+    total = config.epochs * max(1, per_epoch) if config.epochs else config.steps
     params = list(_trainable(model).values())
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup, config.min_lr))
@@ -393,25 +490,25 @@ def _run(config: TrainConfig, device: torch.device, progress: bool,
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"lora {adapter}" if adapter else "train")
     while step < total:
-        window, cands, label = train_rows.take(batch_indices(step, len(train_rows), config.batch_size, config.seed), device)
+        batch = source.batch(step)
         with autocast():
-            output = model(window, cands, label, full_vocab_weight=config.full_vocab_weight)
+            output = model(**batch)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        processed += len(label)
-        loss = output.loss.item()
-        acc = (output.logits.detach().argmax(-1) == label).float().mean().item()
+        hit, scored = _correct(output, batch)
+        processed += scored
+        loss, acc = output.loss.item(), hit / max(1, scored)
         loss_sum, acc_sum, seen = loss_sum + loss, acc_sum + acc, seen + 1
         metrics = {"loss": loss, "accuracy": acc, "lr": scheduler.get_last_lr()[0]}
         if (config.eval_every and step % config.eval_every == 0) or step == total:
             last_train = loss_sum / seen
             entry = {"step": step, "train_loss": last_train, "train_accuracy": acc_sum / seen, "lr": metrics["lr"]}
-            if len(eval_rows):
-                last_eval, last_acc = evaluate(model, eval_rows, device, autocast)
+            if source.held:
+                last_eval, last_acc = evaluate_source(model, source, autocast)
                 entry |= {"eval_loss": last_eval, "eval_accuracy": last_acc}
             history.append(entry)
             metrics |= entry
@@ -434,8 +531,8 @@ def _run(config: TrainConfig, device: torch.device, progress: bool,
         out=str(target), adapter=adapter, step=step, train_loss=last_train, eval_loss=last_eval,
         eval_accuracy=last_acc, tokens_per_s=processed / seconds if seconds else 0.0,
         seconds=seconds, params=sum(p.numel() for p in model.parameters()),
-        trainable_params=sum(p.numel() for p in params), rows_train=len(train_rows),
-        rows_eval=len(eval_rows), device=str(device), history=history)
+        trainable_params=sum(p.numel() for p in params), rows_train=len(source),
+        rows_eval=len(source.held), device=str(device), history=history)
     _write_json(target / "train_result.json", asdict(result) | {"config": asdict(config)})
     return result
 

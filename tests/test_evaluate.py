@@ -23,7 +23,7 @@ BUCKETS = ("0-31", "32-63", "64-127", "128-255", "256+")
 def setup(client, tmp: Path, chains: int, steps: int, domain: str) -> tuple[SemanticTable, Path]:
     """Tokenizer, table, dataset and a selector trained for `steps` steps on the first `chains` sample chains."""
     train_chains = load_chains(DATA / "gsm8k_train_sample.jsonl", limit=chains).chains
-    tok = train_tokenizer([c.to_text() for c in train_chains], vocab_size=300)
+    tok = train_tokenizer([c.to_text() for c in train_chains], vocab_size=556)
     build_table(client, domain, [encode(tok, c.to_text()) for c in train_chains], vocab_size=len(tok), max_order=3,
                 tokenizer_hash=tokenizer_hash(tok), tokenizer_json=tok.backend_tokenizer.to_str())
     table = SemanticTable(client, domain)
@@ -92,7 +92,7 @@ def test_evaluate_refuses_mismatches(trained):
     table, folder = trained
     model, tok = load_selector(folder)
     chains = load_chains(DATA / "gsm8k_test_sample.jsonl", limit=2).chains
-    other = train_tokenizer([c.to_text() for c in chains], vocab_size=120)
+    other = train_tokenizer([c.to_text() for c in chains], vocab_size=376)
     with pytest.raises(ValueError, match="does not match the table"):
         evaluate(table, model, other, chains)
     with pytest.raises(ValueError, match="K must be ≥ 2"):
