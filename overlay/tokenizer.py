@@ -124,3 +124,21 @@ def decode(tok: PreTrainedTokenizerFast, ids: Sequence[int]) -> str:
     unk = SPECIAL_TOKENS.index(UNK)
     clean = [int(i) if 0 <= int(i) < n else unk for i in ids]
     return tok.backend_tokenizer.decode(clean, skip_special_tokens=False)
+
+
+class TokenizerMismatch(ValueError):
+    """Parts that must share one tokenizer (table, dataset, model, tokenizer) were made with different ones."""
+
+
+def check_tokenizers(parts: dict[str, PreTrainedTokenizerFast | Tokenizer | str | None]) -> str:
+    """The one compatibility check: every part (description → tokenizer or tokenizer_hash; None or "" = not recorded,
+    skipped) must have the first recorded part's fingerprint. Returns it ("" if none); else raises TokenizerMismatch."""
+    hashes = {what: p if isinstance(p, str) else tokenizer_hash(p) for what, p in parts.items() if p not in (None, "")}
+    if not hashes:
+        return ""
+    (first, expected), *rest = hashes.items()
+    odd = [f"{what} ({h})" for what, h in rest if h != expected]
+    if odd:
+        verb = "uses" if len(odd) == 1 else "use"
+        raise TokenizerMismatch(f"{' and '.join(odd)} {verb} another tokenizer than {first} ({expected})")
+    return expected

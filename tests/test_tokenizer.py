@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from overlay.chains import SPECIAL_TOKENS, Chain, load_chains
-from overlay.tokenizer import decode, encode, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from overlay.tokenizer import (
+    TokenizerMismatch,
+    check_tokenizers,
+    decode,
+    encode,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -108,3 +117,15 @@ def test_chain_with_unseen_characters_decodes_well_formed(tok):
     ids = encode(tok, chain.to_text())
     assert 1 not in ids
     assert Chain.from_text(decode(tok, ids)) == chain
+
+
+def test_check_tokenizers_is_the_one_compatibility_check(tok, texts):
+    other = train_tokenizer(texts[:20], vocab_size=300)
+    h = tokenizer_hash(tok)
+    assert check_tokenizers({"table t v1": h, "model m": tok, "dataset d": "", "peer": None}) == h
+    assert check_tokenizers({"table": None, "dataset": ""}) == ""
+    message = rf"^model m \({tokenizer_hash(other)}\) uses another tokenizer than table t v1 \({h}\)$"
+    with pytest.raises(TokenizerMismatch, match=message):
+        check_tokenizers({"table t v1": h, "dataset d": tok, "model m": other})
+    with pytest.raises(ValueError, match=r"^dataset \(x\) and control \(y\) use another tokenizer than table \(z\)$"):
+        check_tokenizers({"table": "z", "dataset": "x", "model": "z", "control": "y"})
