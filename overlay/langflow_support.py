@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -29,15 +33,21 @@ from overlay.tools import calc, run_tool_call
 ENV_DOMAIN = "OVERLAY_DOMAIN"
 ENV_MODEL_DIR = "OVERLAY_MODEL_DIR"
 ENV_REDIS_URL = store.ENV_URL
-SPEC_NODES = {"table": "GetNeighbours", "selector": "IT-LM Selector", "accumulator": "Score Accumulator",
+SPEC_NODES = {"table": "GetNeighbours", "selector": "IT-LM Selector", "accumulator": "Accumulator",
               "router": "Tag Router"}
 ROUTED_TAGS = ("THOUGHT", "ACTION", "CHECK")
 NODE_CHAIN_PREFIX = "ovl:node-chain:"
 MAX_CONTEXT_CHARS = 20_000
+MAX_DECODERS = 8
+SERVE_PROTOCOL = "lfx.serve"
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>$&~])")
+VERDICT_MARKS = {"pass": "✅ pass", "fail": "❌ fail", "unverifiable": "❔ unverifiable"}
 
-_selector_lock = threading.Lock()
-_decoder_lock = threading.Lock()
-_selectors: dict[tuple[str, float], tuple[Any, Any]] = {}
+_cache_lock = threading.Lock()
+_load_locks: dict[str, threading.Lock] = {}
+_selectors: dict[str, LoadedSelector] = {}
+_decoders: OrderedDict[tuple, Any] = OrderedDict()
+_decoder_locks: dict[tuple[str, str], threading.Lock] = {}
 
 
 class NodeError(ValueError):
@@ -58,15 +68,44 @@ def message_for(exc: BaseException) -> str:
     return f"{text} ({hint})" if hint else text
 
 
+@dataclass
+class Outcome:
+    """What ``readable_errors`` did with a failure: ``failed`` when it stopped the node instead of raising."""
+
+    failed: bool = False
+    message: str = ""
+
+
+def served_by_lfx() -> bool:
+    """True inside a flow run that `lfx serve` started (it answers every failure with a traceback in `logs`)."""
+    from lfx.observability import get_execution_protocol
+
+    return get_execution_protocol() == SERVE_PROTOCOL
+
+
 @contextmanager
-def readable_errors() -> Iterator[None]:
-    """Re-raise the library's expected failures as one-line NodeErrors (bugs keep their traceback)."""
+def readable_errors(node: Any = None) -> Iterator[Outcome]:
+    """Re-raise the library's expected failures as one-line NodeErrors (bugs keep their traceback).
+
+    Under `lfx serve` the line goes to stderr (the response's `logs`) and ``node``'s outputs are stopped instead,
+    so the request fails (HTTP 500, `result` "No response generated") without a traceback in the response.
+    """
+    outcome = Outcome()
     try:
-        yield
-    except NodeError:
-        raise
+        yield outcome
+    except NodeError as exc:
+        error = exc
     except (ValueError, tbl.TableNotFound, OSError, RuntimeError, redis.exceptions.RedisError) as exc:
-        raise NodeError(message_for(exc)) from None
+        error = NodeError(message_for(exc))
+    else:
+        return
+    if node is None or node.get_vertex() is None or not served_by_lfx():
+        raise error from None
+    outcome.failed, outcome.message = True, str(error)
+    print(f"{node.display_name}: {error}", file=sys.stderr)
+    node.status = outcome.message
+    for output in node.outputs:
+        node.stop(output.name)
 
 
 def setting(value: str | None, env: str, what: str) -> str:
@@ -115,6 +154,35 @@ def table_spec(redis_url: str | None, domain: str | None, k: int) -> tuple[dict[
     return spec, f"table {table.domain} v{table.version}: {contexts} contexts, order ≤ {table.max_order}, K={k}"
 
 
+def domain_options(redis_url: str | None) -> list[str]:
+    """Domains with a complete table (an active version) on the node's Redis, for the Domain dropdown."""
+    client = connect(redis_url)
+    return [d for d in tbl.list_domains(client) if tbl.active_version(client, d) is not None]
+
+
+def model_options(home: Path | None = None) -> list[str]:
+    """Selector folders under the data directory (``<data dir>/models/*`` holding config.json), for Model Folder."""
+    from overlay.selector import CONFIG_FILE
+
+    root = (home or store.data_dir()) / "models"
+    found = root.glob("*") if root.is_dir() else ()
+    return sorted(str(p) for p in found if (p / CONFIG_FILE).is_file() and ".tmp-" not in p.name
+                  and ".old-" not in p.name)
+
+
+def fill_options(build_config: Any, field_value: Any, field_name: str | None) -> Any:
+    """Langflow's refresh button on Domain, Model Folder or Control Folder: offer what exists (free text still works)."""
+    if field_name in build_config:
+        build_config[field_name]["value"] = field_value
+    with readable_errors():
+        if field_name == "domain" and "domain" in build_config:
+            url = (build_config.get("redis_url") or {}).get("value")
+            build_config["domain"]["options"] = domain_options(url if isinstance(url, str) else None)
+        elif field_name in ("model_dir", "control_dir") and field_name in build_config:
+            build_config[field_name]["options"] = model_options()
+    return build_config
+
+
 @dataclass
 class NeighbourRows:
     """GetNeighbours' answer as table rows, with a status line for the node."""
@@ -149,32 +217,72 @@ def neighbours_for_text(redis_url: str | None, domain: str | None, context: str 
     return NeighbourRows(rows, ids, nb.order, f"{len(rows)} candidates from {table.domain} v{table.version} ({where})")
 
 
-def cached_selector(folder: str) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from a selector folder once per process, reloading when its files change."""
+@dataclass
+class LoadedSelector:
+    """A selector loaded by a node: model, tokenizer, the file fingerprint it was loaded from, the load time, and the
+    question-aware scorer the Choice output builds on first use."""
+
+    model: Any
+    tokenizer: Any
+    fingerprint: tuple
+    seconds: float
+    scorer: Any = None
+
+
+def quiet_progress() -> None:
+    """Silence transformers' and huggingface_hub's progress bars and info logs (they end up in REST responses)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    disable_progress_bars()
+
+
+def fingerprint(folder: Path) -> tuple:
+    """(name, size, mtime) of the files a load reads (config, weights, tokenizer): changes when the model is retrained."""
+    from overlay.selector import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_INDEX
+
+    files = [folder / CONFIG_FILE, folder / TOKENIZER_FILE, folder / WEIGHTS_INDEX, *sorted(folder.glob("*.safetensors"))]
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
+
+
+def shared_selector(folder: str, on_load: Callable[[str], None] | None = None) -> tuple[LoadedSelector, bool]:
+    """A selector folder's model, loaded once per process (again only when its files change); and whether this call
+    loaded it. ``on_load`` is told before a load starts. The Selector node and the decoder share what it returns."""
     from overlay.selector import check_model_folder, load_selector
 
-    path = check_model_folder(Path(folder).expanduser())
-    stamp = max(p.stat().st_mtime for p in path.iterdir() if p.is_file())
-    key = (str(path.resolve()), stamp)
-    with _selector_lock:
-        if key not in _selectors:
-            _selectors.clear()
-            _selectors[key] = load_selector(path)
-        return _selectors[key]
+    path = check_model_folder(Path(folder).expanduser()).resolve()
+    key = str(path)
+    with _cache_lock:
+        lock = _load_locks.setdefault(key, threading.Lock())
+    with lock:
+        stamp = fingerprint(path)
+        found = _selectors.get(key)
+        if found is not None and found.fingerprint == stamp:
+            return found, False
+        if on_load is not None:
+            on_load(f"loading selector {path.name} (once per server process)…")
+        quiet_progress()
+        start = time.perf_counter()
+        model, tok = load_selector(path)
+        _selectors[key] = LoadedSelector(model, tok, stamp, time.perf_counter() - start)
+        return _selectors[key], True
 
 
-def selector_spec(model_dir: str | None, temperature: float, top_p: float, seed: int,
-                  mix: float = 0.0) -> tuple[dict[str, Any], str]:
-    """Check the model folder's files and the sampling settings (the weights load once, in the decoder)."""
-    from overlay.selector import CONFIG_FILE, check_model_folder
-
+def selector_spec(model_dir: str | None, temperature: float, top_p: float, seed: int, mix: float = 0.0,
+                  on_load: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
+    """Check the sampling settings and load the model into the shared cache (the decoder reuses it)."""
     folder = setting(model_dir, ENV_MODEL_DIR, "model folder")
     check_sampling(temperature, top_p)
-    config = json.loads((check_model_folder(Path(folder).expanduser()) / CONFIG_FILE).read_text(encoding="utf-8"))
-    window = config.get("window", "?")
+    loaded, fresh = shared_selector(folder, on_load)
+    config = loaded.model.config
+    reads = (f"window k={config.window}" if hasattr(config, "window")
+             else f"question + last {getattr(config, 'attn_span', '?')} tokens")
     spec = make_spec("selector", model_dir=folder, temperature=float(temperature), top_p=float(top_p), seed=int(seed),
                      mix=float(mix))
-    return spec, f"selector {Path(folder).name}: window k={window}, temperature {temperature}, top-p {top_p}"
+    state = f"loaded in {loaded.seconds:.1f} s" if fresh else "already loaded"
+    return spec, f"selector {Path(folder).name} ({state}): {reads}, temperature {temperature}, top-p {top_p}"
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -198,32 +306,58 @@ def candidate_ids(candidates: Any) -> tuple[list[int], list[float], list[int]]:
             [int(r.get("order", 0)) for r in rows])
 
 
+def candidate_logits(loaded: LoadedSelector, context_ids: list[int], ids: list[int]) -> Any:
+    """The selector's logits for table candidates after a context, read as the decoder reads it: a window selector sees
+    the last k tokens; a question-aware one holds the ``<Q> …`` prompt as its question and reads the rest as the chain."""
+    import torch
+
+    from overlay.chains import BOS, Q, SPECIAL_TOKENS, STEP_TAGS
+    from overlay.dataset import window_of
+
+    model = loaded.model
+    if hasattr(model, "score"):
+        window = window_of(context_ids, len(context_ids), int(getattr(model.config, "window", 8)))
+        device = next(model.parameters()).device
+        return model.score(torch.tensor([window], device=device), torch.tensor([ids], device=device))[0].float().cpu()
+    if not context_ids or context_ids[0] != SPECIAL_TOKENS.index(Q):
+        raise NodeError("this selector reads the question: start the context with <Q> and the question")
+    if loaded.scorer is None:
+        from overlay.selector import QAScorer
+        from overlay.selector.state import NumberSpans, token_texts
+
+        loaded.scorer = QAScorer(model, NumberSpans(token_texts(loaded.tokenizer)))
+    tags = {SPECIAL_TOKENS.index(tag) for tag in STEP_TAGS}
+    split = next((i for i, t in enumerate(context_ids) if t in tags), len(context_ids))
+    memory = loaded.scorer.start(context_ids[:split])
+    loaded.scorer.feed(memory, [SPECIAL_TOKENS.index(BOS), *context_ids[split:]])
+    return torch.from_numpy(loaded.scorer.scores(memory, ids)[0]).float()
+
+
 def choose(folder: str | None, context: str | None, candidates: Any, temperature: float = 0.0, top_p: float = 1.0,
            seed: int = 0, mix: float = 0.0) -> tuple[dict[str, Any], str]:
-    """Score the candidates after the context with the selector and pick one (greedy; sampled when temperature > 0).
+    """Score the candidates after the context with the selector and pick one with the decoder's sampler.
 
     ``mix`` adds that multiple of each candidate's table weight to its log-prob before choosing, as the decoder does.
     """
     import torch
 
-    from overlay.dataset import window_of
+    from overlay.decode import choose_index
     from overlay.tokenizer import encode
 
     check_sampling(temperature, top_p)
     ids, weights, orders = candidate_ids(candidates)
-    model, tok = cached_selector(setting(folder, ENV_MODEL_DIR, "model folder"))
+    loaded, _ = shared_selector(setting(folder, ENV_MODEL_DIR, "model folder"))
+    tok = loaded.tokenizer
     vocab = tok.backend_tokenizer.get_vocab_size(with_added_tokens=True)
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise NodeError(f"candidate ids {bad[:5]} are outside the selector's vocabulary ({vocab}): "
                         "the table and the model use different tokenizers")
     context_ids = encode(tok, (context or "")[-MAX_CONTEXT_CHARS:])
-    window = window_of(context_ids, len(context_ids), int(getattr(model.config, "window", 8)))
-    device = next(model.parameters()).device
-    logits = model.score(torch.tensor([window], device=device), torch.tensor([ids], device=device))[0].float().cpu()
+    logits = candidate_logits(loaded, context_ids, ids)
     logprobs = torch.log_softmax(logits, -1)
     adjusted = logprobs + mix * torch.tensor(weights) if mix else logprobs
-    pick = sample_index(adjusted, temperature, top_p, seed)
+    pick = choose_index(adjusted, temperature, top_p, seed, len(context_ids))
     others = torch.cat([adjusted[:pick], adjusted[pick + 1:]])
     margin = float(adjusted[pick] - others.max()) if len(others) else 0.0
     token = tok.convert_ids_to_tokens(ids[pick])
@@ -235,21 +369,6 @@ def choose(folder: str | None, context: str | None, candidates: Any, temperature
     }
     prob = math.exp(choice["score"])
     return choice, f"chose {token!r} (candidate {pick + 1} of {len(ids)}, p={prob:.3f}, margin {margin:.2f})"
-
-
-def sample_index(logits: Any, temperature: float, top_p: float, seed: int) -> int:
-    """Greedy argmax at temperature 0; otherwise nucleus sampling with a seeded generator."""
-    import torch
-
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, -1)
-    order = probs.argsort(descending=True)
-    keep = (probs[order].cumsum(0) - probs[order]) < top_p
-    kept = order[keep]
-    weights = probs[kept] / probs[kept].sum()
-    generator = torch.Generator().manual_seed(int(seed))
-    return int(kept[torch.multinomial(weights, 1, generator=generator)])
 
 
 def accumulator_spec(max_tokens: int, min_mean_logprob: float, state_ttl: int) -> tuple[dict[str, Any], str]:
@@ -355,11 +474,48 @@ def evaluate_expression(expression: str | None) -> tuple[dict[str, str], str]:
 
 @dataclass
 class Decoded:
-    """The Overlay Decoder's outputs: the chain text, the trace as JSON, and a status line."""
+    """The Chain Decoder's outputs: the chain as chat Markdown, the raw chain, the trace as JSON, and a status line."""
 
+    chat: str
     chain: str
     trace_json: str
     status: str
+
+
+def md_escape(text: str) -> str:
+    """``text`` with the characters a Markdown chat would take for HTML, emphasis, code, math or links escaped."""
+    return MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+def step_line(tag: str, text: str, previous: str, verdict: Mapping[str, str] | None) -> str:
+    """One chain step as a Markdown list item: its tag in bold, shown literally; tool results and verdicts marked."""
+    body = md_escape(text)
+    if tag == "RESULT" and previous == "ACTION" and text.startswith("error:"):
+        body = f"⚠️ tool error: {md_escape(text.removeprefix('error:').strip())}"
+    elif tag == "RESULT" and previous == "ACTION":
+        body = f"**{body}** (tool result)"
+    elif tag == "CHECK" and verdict is not None:
+        mark = VERDICT_MARKS.get(verdict["verdict"], md_escape(verdict["verdict"]))
+        body = f"{body} → {mark} ({md_escape(verdict['reason'])})"
+    return f"- **{md_escape(f'<{tag}>')}** {body}" if tag else f"- {body}"
+
+
+def chat_text(result: Any) -> str:
+    """A decoded chain as Markdown for a chat window: the answer first, then one line per step with its tag shown
+    (a Markdown chat takes a bare `<THOUGHT>` for HTML and `*` for emphasis), tool results and CHECK verdicts marked."""
+    answer = f"**Answer: {md_escape(result.answer)}**" if result.answer is not None else "**No answer**"
+    lines = [answer, ""]
+    verdicts = iter(result.verdicts)
+    previous = ""
+    for step in result.steps:
+        tag, text = step["tag"], step["text"]
+        if tag not in ("Q", "EOS"):
+            lines.append(step_line(tag, text, previous, next(verdicts, None) if tag == "CHECK" else None))
+        previous = tag
+    lines += ["", f"stop: {md_escape(result.stop_reason)} after {result.tokens} tokens"]
+    if result.errors:
+        lines.append("⚠️ " + md_escape("; ".join(result.errors)))
+    return "\n".join(lines)
 
 
 def jsonable(value: Any) -> Any:
@@ -400,6 +556,36 @@ def decode_settings(table: Any, selector: Any, accumulator: Any, router: Any,
             "config": {k: v for k, v in config.items() if v is not None}}
 
 
+def node_decoder(domain: str, model_dir: str, redis_url: str | None,
+                 config: Mapping[str, Any]) -> tuple[Any, threading.Lock]:
+    """A decoder over the domain's active table and the shared selector (kept per settings, table version and model
+    files), with the lock its domain and model share: decoders of other domains or models run in parallel."""
+    from overlay.decode import DecodeConfig, OverlayDecoder
+    from overlay.tokenizer import tokenizer_hash
+
+    loaded, _ = shared_selector(model_dir)
+    client = connect(redis_url)
+    model_key = str(Path(model_dir).expanduser().resolve())
+    key = (domain, tbl.active_version(client, domain), redis_url or "", model_key, loaded.fingerprint,
+           tuple(sorted(config.items())))
+    with _cache_lock:
+        decoder = _decoders.get(key)
+        if decoder is not None:
+            _decoders.move_to_end(key)
+    if decoder is None:
+        table = tbl.SemanticTable(client, domain)
+        if table.meta.get("tokenizer_hash") not in (None, tokenizer_hash(loaded.tokenizer)):
+            raise NodeError(f"model {model_dir} was trained with another tokenizer than table {domain!r} "
+                            f"v{table.version}")
+        decoder = OverlayDecoder(table, loaded.model, loaded.tokenizer, DecodeConfig(**config), SessionStore(client))
+        with _cache_lock:
+            _decoders[key] = decoder
+            while len(_decoders) > MAX_DECODERS:
+                _decoders.popitem(last=False)
+    with _cache_lock:
+        return decoder, _decoder_locks.setdefault((domain, model_key), threading.Lock())
+
+
 def decode_question(question: str | None, table: Any, selector: Any, accumulator: Any, router: Any,
                     chain_id: str | None, max_question_chars: int = 2000) -> Decoded:
     """Run the decoder for one question with the wired nodes' settings; the chain, its trace and a status line.
@@ -407,16 +593,14 @@ def decode_question(question: str | None, table: Any, selector: Any, accumulator
     With a chain id the chain's state is kept in Redis, so a chain cut by the token limit continues on the
     next call with the same id.
     """
-    from overlay.decode import load_decoder
-
     args = decode_settings(table, selector, accumulator, router, max_question_chars)
-    decoder = load_decoder(args["domain"], args["model_dir"], args["redis_url"], **args["config"])
-    with _decoder_lock:
+    decoder, lock = node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])
+    with lock:
         result = decoder.generate(question or "", (chain_id or "").strip() or None)
     payload = jsonable(result.to_dict())
     status = (f"{result.tokens} tokens in {result.seconds:.2f} s, stop: {result.stop_reason}, "
               f"answer: {result.answer if result.answer is not None else 'none'}")
-    return Decoded(result.text, json.dumps(payload, separators=(",", ":")), status)
+    return Decoded(chat_text(result), result.text, json.dumps(payload, separators=(",", ":")), status)
 
 
 def build_table_from_file(client: Any, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,

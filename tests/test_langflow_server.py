@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from overlay.flows import FLOWS, components
+from overlay.flows import FLOWS, component_source, components
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
@@ -46,11 +47,14 @@ def langflow_binary() -> str:
 
 @pytest.fixture(scope="module")
 def server(overlay_model, tmp_path_factory):
-    """`langflow run --backend-only` on loopback with login required, and an API key made for the tests."""
+    """`langflow run --backend-only` on loopback with login required, and an API key made for the tests; its overlay
+    data directory holds the test model under models/, as the quickstart leaves it."""
     binary = langflow_binary()
     home = tmp_path_factory.mktemp("langflow")
+    (home / "overlay" / "models").mkdir(parents=True)
+    (home / "overlay" / "models" / overlay_model.domain).symlink_to(overlay_model.model_dir)
     port = free_port()
-    env = os.environ | overlay_model.env() | {
+    env = os.environ | overlay_model.env() | {"OVERLAY_HOME": str(home / "overlay"), 
         "LANGFLOW_CONFIG_DIR": str(home), "LANGFLOW_DATABASE_URL": f"sqlite:///{home}/langflow.db",
         "LANGFLOW_AUTO_LOGIN": "false", "LANGFLOW_SUPERUSER": ADMIN, "LANGFLOW_SUPERUSER_PASSWORD": PASSWORD,
         "LANGFLOW_DO_NOT_TRACK": "true", "LANGFLOW_OPEN_BROWSER": "false", "LANGFLOW_WORKERS": "1"}
@@ -99,16 +103,31 @@ def test_langflow_server_registers_imports_and_runs_the_overlay(server, overlay_
     assert response.status_code == 200, response.text
     outputs = {o["component_display_name"]: o["results"] for o in response.json()["outputs"][0]["outputs"]}
     chain = outputs["Chat Output"]["message"]["text"]
-    assert chain == expected_chain(overlay_model)
-    assert json.loads(outputs["Text Output"]["text"]["text"])["text"] == chain
+    assert chain == expected_chain(overlay_model) and re.search(r"\n- \*\*\\<[A-Z]+\\>\*\* ", chain)
+    assert json.loads(outputs["Text Output"]["text"]["text"])["text"].startswith(f"<Q> {QUESTION}")
 
     refused = httpx.post(f"{base}/api/v1/run/{ids['overlay_reasoning']}", json={"input_value": QUESTION}, timeout=60)
     assert refused.status_code in (401, 403)
 
-    empty = run(base, headers, ids["overlay_reasoning"], "")
-    assert empty.status_code == 500 and "the question is empty" in empty.text and "Traceback" not in empty.text
+    for question, message in (("", "the question is empty"), (" \n ", "the question is empty"),
+                              ("x" * 2_000_000, "the question has 2000000 characters; the limit is 2000")):
+        bad = run(base, headers, ids["overlay_reasoning"], question)
+        assert bad.status_code == 500 and message in bad.text
+        assert all(leak not in bad.text for leak in ("Traceback", 'File "', "site-packages", "Loading weights"))
     nodes = json.loads((ROOT / "flows" / "overlay_reasoning.json").read_text())["data"]["nodes"]
     table_node = next(n["id"] for n in nodes if n["data"]["type"] == "OverlayGetNeighbours")
     tweaked = run(base, headers, ids["overlay_reasoning"], QUESTION, tweaks={table_node: {"domain": "no-such-domain"}})
     assert tweaked.status_code == 500 and "no complete table for domain 'no-such-domain'" in tweaked.text
     assert run(base, headers, ids["overlay_reasoning"], QUESTION).status_code == 200
+
+
+def test_the_editor_offers_complete_tables_and_the_data_directorys_models(server, overlay_model):
+    base, headers = server
+    for cls, field, expected in ((GetNeighboursComponent, "domain", overlay_model.domain),
+                                 (ITLMSelectorComponent, "model_dir", f"/models/{overlay_model.domain}")):
+        template = cls().to_frontend_node()["data"]["node"]["template"]
+        body = {"code": component_source(cls), "field": field, "field_value": "", "template": template}
+        response = httpx.post(f"{base}/api/v1/custom_component/update", json=body, headers=headers, timeout=120)
+        assert response.status_code == 200, response.text
+        options = response.json()["template"][field]["options"]
+        assert any(option.endswith(expected) for option in options), options

@@ -10,7 +10,7 @@ from overlay.langflow_support import evaluate_expression, readable_errors
 class OverlayCalculatorComponent(Component):
     """Evaluate arithmetic exactly with the overlay's `ast`-based calculator (never `eval`)."""
 
-    display_name = "Overlay Calculator"
+    display_name = "Calculator"
     description = "Safe arithmetic (+ - * / // % ** and parentheses) with exact results; usable as an agent tool."
     icon = "calculator"
     name = "OverlayCalculator"
@@ -30,7 +30,9 @@ class OverlayCalculatorComponent(Component):
 
     def calculate(self) -> Data:
         """Return the expression and its canonical result."""
-        with readable_errors():
+        with readable_errors(self) as outcome:
             result, status = evaluate_expression(self.expression)
+        if outcome.failed:
+            return Data()
         self.status = status
         return Data(data=result)

@@ -1,4 +1,4 @@
-"""Overlay Decoder node: runs the token loop over a table, a selector, an accumulator and the tag router."""
+"""Chain Decoder node: runs the token loop over a table, a selector, an accumulator and the tag router."""
 
 from lfx.custom.custom_component.component import Component
 from lfx.io import HandleInput, IntInput, MessageTextInput, Output
@@ -10,7 +10,7 @@ from overlay.langflow_support import Decoded, decode_question, readable_errors
 class OverlayDecoderComponent(Component):
     """Answer a question with a chain emitted token by token from the table's candidates, with its trace."""
 
-    display_name = "Overlay Decoder"
+    display_name = "Chain Decoder"
     description = ("Question → reasoning chain: the selector picks each token among the table's candidates; "
                    "tools and checks run as steps end.")
     icon = "brain-circuit"
@@ -37,7 +37,7 @@ class OverlayDecoderComponent(Component):
             display_name="Accumulator",
             input_types=["Data", "JSON"],
             required=False,
-            info="The Accumulator output of the Score Accumulator (stop rules); default: stop after 256 tokens.",
+            info="The Accumulator output of the Accumulator node (stop rules); default: stop after 256 tokens.",
         ),
         HandleInput(
             name="router",
@@ -64,6 +64,7 @@ class OverlayDecoderComponent(Component):
     outputs = [
         Output(display_name="Chain", name="chain", method="get_chain", group_outputs=True),
         Output(display_name="Trace", name="trace", method="get_trace", group_outputs=True),
+        Output(display_name="Raw Chain", name="raw_chain", method="get_raw_chain", group_outputs=True),
     ]
 
     _decoded = None
@@ -73,18 +74,24 @@ class OverlayDecoderComponent(Component):
         self._decoded = None
 
     def decoded(self) -> Decoded:
-        """Decode once per run; both outputs read the same result."""
+        """Decode once per run; every output reads the same result (empty when a failure stopped the node)."""
         if self._decoded is None:
-            with readable_errors():
+            with readable_errors(self) as outcome:
                 self._decoded = decode_question(self.question, self.table, self.selector, self.accumulator,
                                                 self.router, self.chain_id, self.max_question_chars)
+            if outcome.failed:
+                self._decoded = Decoded("", "", "", outcome.message)
         self.status = self._decoded.status
         return self._decoded
 
     def get_chain(self) -> Message:
-        """Return the chain: <THOUGHT> / <ACTION> / <RESULT> / <CHECK> steps and the <ANSWER>."""
-        return Message(text=self.decoded().chain)
+        """Return the chain for a chat window: the answer, then one line per step with its tag, results and verdicts."""
+        return Message(text=self.decoded().chat)
 
     def get_trace(self) -> Message:
         """Return the answer, stop reason, verdicts, tool calls and per-token trace as JSON."""
         return Message(text=self.decoded().trace_json)
+
+    def get_raw_chain(self) -> Message:
+        """Return the chain as the decoder wrote it: <Q> … <THOUGHT> / <ACTION> / <RESULT> / <CHECK> … <ANSWER>."""
+        return Message(text=self.decoded().chain)

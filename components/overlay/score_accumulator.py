@@ -8,9 +8,9 @@ from overlay.langflow_support import accumulate, accumulator_spec, readable_erro
 
 
 class ScoreAccumulatorComponent(Component):
-    """Add the Selector's choices to a chain's running score, and hand the stop rules to the Overlay Decoder."""
+    """Add the Selector's choices to a chain's running score, and hand the stop rules to the Chain Decoder."""
 
-    display_name = "Score Accumulator"
+    display_name = "Accumulator"
     description = "Running log-score, perplexity, tag counts and stop reason of a chain, kept per chain id in Redis."
     icon = "sigma"
     name = "OverlayScoreAccumulator"
@@ -60,15 +60,19 @@ class ScoreAccumulatorComponent(Component):
 
     def get_totals(self) -> Data:
         """Return the chain's token count, log-score, mean log-prob, perplexity, tag counts and stop reason."""
-        with readable_errors():
+        with readable_errors(self) as outcome:
             totals, status = accumulate(self.choice, self.chain_id, self.redis_url, self.max_tokens,
                                         self.min_mean_logprob, self.state_ttl)
+        if outcome.failed:
+            return Data()
         self.status = status
         return Data(data=totals)
 
     def get_accumulator(self) -> Data:
-        """Return the stop rules and state TTL the Overlay Decoder uses."""
-        with readable_errors():
+        """Return the stop rules and state TTL the Chain Decoder uses."""
+        with readable_errors(self) as outcome:
             spec, status = accumulator_spec(self.max_tokens, self.min_mean_logprob, self.state_ttl)
+        if outcome.failed:
+            return Data()
         self.status = status
         return Data(data=spec)

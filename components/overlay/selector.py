@@ -1,14 +1,14 @@
 """IT-LM Selector node: the small selector model scores a context's candidates and picks the next token."""
 
 from lfx.custom.custom_component.component import Component
-from lfx.io import DataFrameInput, FloatInput, IntInput, MessageTextInput, Output, StrInput
+from lfx.io import DataFrameInput, DropdownInput, FloatInput, IntInput, MessageTextInput, Output
 from lfx.schema.data import Data
 
-from overlay.langflow_support import choose, readable_errors, selector_spec
+from overlay.langflow_support import choose, fill_options, readable_errors, selector_spec
 
 
 class ITLMSelectorComponent(Component):
-    """Score GetNeighbours' candidates after a context, and hand the selector to the Overlay Decoder."""
+    """Score GetNeighbours' candidates after a context, and hand the selector to the Chain Decoder."""
 
     display_name = "IT-LM Selector"
     description = "A small selector model reads the last k tokens and chooses among the table's candidates."
@@ -22,10 +22,15 @@ class ITLMSelectorComponent(Component):
             display_name="Candidates",
             info="The Candidates output of GetNeighbours for the same context.",
         ),
-        StrInput(
+        DropdownInput(
             name="model_dir",
             display_name="Model Folder",
-            info="Selector folder (config.json, model.safetensors, tokenizer.json); empty uses $OVERLAY_MODEL_DIR.",
+            options=[],
+            value="",
+            combobox=True,
+            refresh_button=True,
+            info="Selector folder (config.json, model.safetensors, tokenizer.json): pick one under the data "
+            "directory (refresh to list them) or type a path; empty uses $OVERLAY_MODEL_DIR.",
         ),
         FloatInput(
             name="temperature",
@@ -49,17 +54,26 @@ class ITLMSelectorComponent(Component):
         Output(display_name="Selector", name="selector", method="get_selector", group_outputs=True),
     ]
 
+    def update_build_config(self, build_config: dict, field_value: object, field_name: str | None = None) -> dict:
+        """List the selector folders under the data directory when Model Folder's refresh button is pressed."""
+        return fill_options(build_config, field_value, field_name)
+
     def get_choice(self) -> Data:
         """Return the chosen token with its log-prob, margin and every candidate's score."""
-        with readable_errors():
+        with readable_errors(self) as outcome:
             choice, status = choose(self.model_dir, self.context, self.candidates, self.temperature, self.top_p,
                                     self.seed, self.mix)
+        if outcome.failed:
+            return Data()
         self.status = status
         return Data(data=choice)
 
     def get_selector(self) -> Data:
-        """Return the model folder and sampling settings the Overlay Decoder uses."""
-        with readable_errors():
-            spec, status = selector_spec(self.model_dir, self.temperature, self.top_p, self.seed, self.mix)
+        """Load the model once per server process and return the folder and sampling settings the decoder uses."""
+        with readable_errors(self) as outcome:
+            spec, status = selector_spec(self.model_dir, self.temperature, self.top_p, self.seed, self.mix,
+                                         on_load=self.log)
+        if outcome.failed:
+            return Data()
         self.status = status
         return Data(data=spec)

@@ -53,8 +53,10 @@ class TagRouterComponent(Component):
 
     def routed(self, tag: str) -> Message:
         """Text of the steps tagged ``tag``; the branch is stopped when there are none."""
-        with readable_errors():
+        with readable_errors(self) as outcome:
             result = route(self.chain, self.run_tools, self.verify_checks)
+        if outcome.failed:
+            return Message(text="")
         self.status = result.status
         text = result.texts[tag]
         if not text and self.get_vertex() is not None:
@@ -74,8 +76,10 @@ class TagRouterComponent(Component):
         return self.routed("CHECK")
 
     def get_router(self) -> Data:
-        """Return the tools and repeat rule the Overlay Decoder routes with."""
-        with readable_errors():
+        """Return the tools and repeat rule the Chain Decoder routes with."""
+        with readable_errors(self) as outcome:
             spec, status = router_spec(self.max_step_repeats)
+        if outcome.failed:
+            return Data()
         self.status = status
         return Data(data=spec)

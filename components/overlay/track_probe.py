@@ -1,12 +1,12 @@
 """Track Probe node: do held-out variants of trained chains make the selector re-enter the chain's track?"""
 
 from lfx.custom.custom_component.component import Component
-from lfx.io import IntInput, MessageTextInput, Output, SecretStrInput, StrInput
+from lfx.io import DropdownInput, IntInput, MessageTextInput, Output, SecretStrInput, StrInput
 from lfx.schema.data import Data
 from lfx.schema.message import Message
 from lfx.utils.file_path_security import component_file_access_scopes, enforce_local_file_access
 
-from overlay.langflow_support import readable_errors
+from overlay.langflow_support import fill_options, quiet_progress, readable_errors
 from overlay.probe import probe_node
 
 
@@ -26,20 +26,34 @@ class TrackProbeComponent(Component):
             required=True,
             info="YAML/JSONL track library (templates with slots), or a GSM8K JSONL file turned into one.",
         ),
-        StrInput(
+        DropdownInput(
             name="model_dir",
             display_name="Model Folder",
-            info="Selector trained on the library's training chains; empty uses $OVERLAY_MODEL_DIR.",
+            options=[],
+            value="",
+            combobox=True,
+            refresh_button=True,
+            info="Selector trained on the library's training chains (refresh to list the data directory's models); "
+            "empty uses $OVERLAY_MODEL_DIR.",
         ),
-        StrInput(
+        DropdownInput(
             name="control_dir",
             display_name="Control Folder",
+            options=[],
+            value="",
+            combobox=True,
+            refresh_button=True,
             info="Selector trained without the library (same table); empty probes the model alone.",
         ),
-        StrInput(
+        DropdownInput(
             name="domain",
             display_name="Domain",
-            info="Table domain; empty uses $OVERLAY_DOMAIN, else the table the model was trained with.",
+            options=[],
+            value="",
+            combobox=True,
+            refresh_button=True,
+            info="Table domain (refresh to list the complete tables); empty uses $OVERLAY_DOMAIN, else the table the "
+            "model was trained with.",
         ),
         StrInput(
             name="prefix_steps",
@@ -93,10 +107,15 @@ class TrackProbeComponent(Component):
         """Forget the previous run's result."""
         self._result = None
 
-    def probed(self):
-        """Run the probe once per run; both outputs read the same result."""
+    def update_build_config(self, build_config: dict, field_value: object, field_name: str | None = None) -> dict:
+        """List the complete tables or the data directory's models when a refresh button is pressed."""
+        return fill_options(build_config, field_value, field_name)
+
+    def probed(self) -> tuple:
+        """Run the probe once per run; both outputs read the same result (empty when a failure stopped the node)."""
         if self._result is None:
-            with readable_errors():
+            with readable_errors(self) as outcome:
+                quiet_progress()
                 scopes = component_file_access_scopes(self)
                 library, split, out_dir = ((v or "").strip() for v in (self.library, self.split, self.out_dir))
                 if library:
@@ -108,6 +127,8 @@ class TrackProbeComponent(Component):
                 self._result = probe_node(library, self.model_dir, self.control_dir, self.domain, out_dir,
                                           self.prefix_steps, self.next_steps, self.redis_url, self.variants,
                                           self.heldout, self.seed, self.limit, split=split)
+            if outcome.failed:
+                self._result = ({}, "", outcome.message)
         self.status = self._result[2]
         return self._result
 

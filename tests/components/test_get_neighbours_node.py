@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from overlay.langflow_support import NodeError
-from overlay.table import SemanticTable
+from overlay.table import SemanticTable, build_table
 from overlay.tokenizer import encode
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 
@@ -69,3 +69,25 @@ def test_bad_settings_give_one_readable_line(overlay_model, monkeypatch, values,
     error = info.value
     assert "\n" not in str(error) and error.__cause__ is None
     assert error.__context__ is None or error.__suppress_context__
+
+
+def test_domain_dropdown_offers_the_complete_tables(redis_client, monkeypatch):
+    build_table(redis_client, "complete", [[4, 5, 6, 7]], vocab_size=10)
+
+    def interrupt(written: int, total: int) -> None:
+        raise RuntimeError("build interrupted")
+
+    with pytest.raises(RuntimeError):
+        build_table(redis_client, "interrupted", [[4, 5, 6]], vocab_size=10, on_flush=interrupt)
+    component = GetNeighboursComponent()
+    template = component.to_frontend_node()["data"]["node"]["template"]
+    assert template["domain"]["combobox"] and template["domain"]["refresh_button"]
+    template["redis_url"]["value"] = f"unix://{redis_client.socket_file}"
+    assert component.update_build_config(template, "typed-by-hand", "domain")["domain"]["options"] == ["complete"]
+    assert template["domain"]["value"] == "typed-by-hand"
+    template["redis_url"]["value"] = ""
+    monkeypatch.setenv("OVERLAY_REDIS_URL", f"unix://{redis_client.socket_file}")
+    assert component.update_build_config(template, "", "domain")["domain"]["options"] == ["complete"]
+    template["redis_url"]["value"] = "redis://127.0.0.1:1/0"
+    with pytest.raises(NodeError, match="cannot reach Redis at 127.0.0.1:1"):
+        component.update_build_config(template, "", "domain")

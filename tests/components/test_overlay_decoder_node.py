@@ -1,13 +1,21 @@
-"""Overlay Decoder node: the token loop over a real table and a real tiny selector, wired from real nodes."""
+"""Chain Decoder node: the token loop over a real table and a real tiny selector, wired from real nodes."""
 
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
 
-from overlay.decode import load_decoder
-from overlay.langflow_support import NodeError, make_spec
+from overlay.chains import load_chains
+from overlay.decode import DecodeResult, load_decoder
+from overlay.langflow_support import NodeError, chat_text, decode_settings, make_spec, node_decoder, shared_selector
+from overlay.table import SemanticTable, build_table
+from overlay.tokenizer import encode, tokenizer_hash
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
@@ -15,6 +23,22 @@ from overlay_components.overlay.selector import ITLMSelectorComponent
 from overlay_components.overlay.tag_router import TagRouterComponent
 
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "data" / "gsm8k_train_sample.jsonl"
+
+
+class Rendered(HTMLParser):
+    """What a Markdown chat window shows: the visible text and the HTML elements it was rendered with."""
+
+    def __init__(self, markdown: str) -> None:
+        super().__init__()
+        self.text, self.tags = "", set()
+        self.feed(MarkdownIt("commonmark", {"html": True}).render(markdown))  # raw HTML passes, as in Langflow's chat
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.add(tag)
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
 
 
 @pytest.fixture
@@ -30,17 +54,92 @@ def wired(overlay_model):
 
 def test_chain_and_trace_match_the_library_decoder(overlay_model, wired):
     component = OverlayDecoderComponent(question=QUESTION, **wired)
-    chain = component.get_chain().text
+    chat, raw = component.get_chain().text, component.get_raw_chain().text
     trace = json.loads(component.get_trace().text)
     expected = load_decoder(overlay_model.domain, overlay_model.model_dir, overlay_model.redis_url, k_candidates=16,
                             temperature=0.0, top_p=1.0, seed=0, mix=0.0, max_tokens=40, session_ttl_s=3600,
                             max_step_repeats=3, max_question_chars=2000).generate(QUESTION)
-    assert chain == expected.text and chain.startswith("<Q> Natalia sold clips")
-    assert trace["text"] == chain and trace["stop_reason"] == expected.stop_reason
+    assert raw == expected.text and raw.startswith("<Q> Natalia sold clips")
+    assert chat == chat_text(expected)
+    assert trace["text"] == raw and trace["stop_reason"] == expected.stop_reason
     assert trace["answer"] == expected.answer and trace["tokens"] == expected.tokens
     assert len(trace["trace"]["steps"]) == expected.tokens
     assert {"verdicts", "tool_calls", "steps", "errors"} <= set(trace)
     assert component.status.startswith(f"{expected.tokens} tokens in")
+
+
+def test_the_chat_message_reads_as_a_chain(wired):
+    chat = OverlayDecoderComponent(question=QUESTION, **wired).get_chain().text
+    trace = json.loads(OverlayDecoderComponent(question=QUESTION, **wired).get_trace().text)
+    lines = chat.splitlines()
+    steps = [s for s in trace["steps"] if s["tag"] not in ("Q", "EOS")]
+    assert lines[0] == ("**No answer**" if trace["answer"] is None else f"**Answer: {trace['answer']}**")
+    assert [line.split("**")[1] for line in lines[2:2 + len(steps)]] == [f"\\<{s['tag']}\\>" for s in steps]
+    shown = Rendered(chat)
+    assert all(f"<{s['tag']}>" in shown.text for s in steps) and "em" not in shown.tags
+
+
+def test_tags_products_results_and_verdicts_stay_visible_in_a_markdown_chat():
+    result = DecodeResult(
+        question="How much for 100 boxes of 2 pens?", text="", answer="200", stop_reason="answer",
+        steps=[{"tag": "Q", "text": "How much for 100 boxes of 2 pens?"},
+               {"tag": "THOUGHT", "text": "100*2 pens at $1 each, not <b>bold</b> nor _x_ ~y~"},
+               {"tag": "ACTION", "text": "CALL calc(100*2)"}, {"tag": "RESULT", "text": "200"},
+               {"tag": "ACTION", "text": "CALL calc(1/0)"}, {"tag": "RESULT", "text": "error: division by zero"},
+               {"tag": "CHECK", "text": "calc(100*2) = 200"}, {"tag": "CHECK", "text": "2*2 = 5"},
+               {"tag": "ANSWER", "text": "200"}, {"tag": "EOS", "text": ""}],
+        verdicts=[{"claim": "calc(100*2) = 200", "verdict": "pass", "reason": "both sides equal: 200 vs 200"},
+                  {"claim": "2*2 = 5", "verdict": "fail", "reason": "sides differ: 4 vs 5"}],
+        tool_calls=[], errors=["step 4 (ACTION): division by zero"], trace={}, tokens=40, seconds=0.1)
+    chat = chat_text(result)
+    assert chat.splitlines() == [
+        "**Answer: 200**", "",
+        r"- **\<THOUGHT\>** 100\*2 pens at \$1 each, not \<b\>bold\</b\> nor \_x\_ \~y\~",
+        r"- **\<ACTION\>** CALL calc(100\*2)", r"- **\<RESULT\>** **200** (tool result)",
+        r"- **\<ACTION\>** CALL calc(1/0)", r"- **\<RESULT\>** ⚠️ tool error: division by zero",
+        r"- **\<CHECK\>** calc(100\*2) = 200 → ✅ pass (both sides equal: 200 vs 200)",
+        r"- **\<CHECK\>** 2\*2 = 5 → ❌ fail (sides differ: 4 vs 5)", r"- **\<ANSWER\>** 200", "",
+        "stop: answer after 40 tokens", "⚠️ step 4 (ACTION): division by zero",
+    ]
+    shown = Rendered(chat)
+    for visible in ("<THOUGHT>", "<ACTION>", "<RESULT>", "<CHECK>", "<ANSWER>", "CALL calc(100*2)", "100*2 pens at $1",
+                    "<b>bold</b> nor _x_ ~y~", "200 (tool result)", "✅ pass", "❌ fail"):
+        assert visible in shown.text
+    assert shown.tags == {"p", "strong", "ul", "li"}
+
+
+def test_the_decoder_reuses_the_selector_nodes_model(overlay_model, wired):
+    args = decode_settings(wired["table"], wired["selector"], wired["accumulator"], wired["router"], 2000)
+    decoder, _ = node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])
+    assert decoder.model is shared_selector(overlay_model.model_dir)[0].model
+    assert node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])[0] is decoder
+
+
+@pytest.fixture(scope="module")
+def second_domain(overlay_model) -> str:
+    """Another complete table on the test Redis, with the test model's tokenizer."""
+    tok = SemanticTable(overlay_model.client, overlay_model.domain).tokenizer()
+    chains = load_chains(SAMPLE, limit=30).chains
+    build_table(overlay_model.client, "lf-test-b", [encode(tok, c.to_text()) for c in chains], vocab_size=len(tok),
+                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3)
+    return "lf-test-b"
+
+
+def test_decoders_of_different_domains_run_in_parallel(overlay_model, wired, second_domain):
+    args = decode_settings(wired["table"], wired["selector"], wired["accumulator"], wired["router"], 2000)
+    _, lock = node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])
+    _, other_lock = node_decoder(second_domain, args["model_dir"], args["redis_url"], args["config"])
+    assert other_lock is not lock
+    assert node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"] | {"seed": 7})[1] is lock
+    other_table = GetNeighboursComponent(domain=second_domain, redis_url=overlay_model.redis_url, k=16).get_table()
+    with ThreadPoolExecutor(2) as pool, lock:  # a chain of the first domain is being decoded
+        other = pool.submit(lambda: OverlayDecoderComponent(question=QUESTION, **(wired | {"table": other_table}))
+                            .get_chain().text)
+        same = pool.submit(lambda: OverlayDecoderComponent(question=QUESTION, **wired).get_chain().text)
+        assert other.result(timeout=300).startswith("**")
+        time.sleep(0.5)
+        assert not same.done()
+    assert same.result(timeout=300).startswith("**")
 
 
 def test_both_outputs_share_one_decode(wired):
@@ -61,16 +160,16 @@ def test_the_accumulators_token_limit_stops_the_chain(wired):
 
 def test_unwired_accumulator_and_router_use_the_defaults(wired):
     del wired["accumulator"], wired["router"]
-    assert OverlayDecoderComponent(question="How many clips?", **wired).get_chain().text.startswith("<Q> How many clips?")
+    assert OverlayDecoderComponent(question="How many clips?", **wired).get_raw_chain().text.startswith("<Q> How many clips?")
 
 
 def test_a_chain_id_keeps_the_chain_in_redis_and_continues_it(overlay_model, wired):
     overlay_model.client.delete("ovl:session:decoder-test")
     wired["accumulator"] = ScoreAccumulatorComponent(max_tokens=6, state_ttl=120).get_accumulator()
-    first = OverlayDecoderComponent(question=QUESTION, chain_id="decoder-test", **wired).get_chain().text
+    first = OverlayDecoderComponent(question=QUESTION, chain_id="decoder-test", **wired).get_raw_chain().text
     assert overlay_model.client.exists("ovl:session:decoder-test")
     assert 0 < overlay_model.client.ttl("ovl:session:decoder-test") <= 120
-    again = OverlayDecoderComponent(question=QUESTION, chain_id="decoder-test", **wired).get_chain().text
+    again = OverlayDecoderComponent(question=QUESTION, chain_id="decoder-test", **wired).get_raw_chain().text
     assert again.startswith(first)
     with pytest.raises(NodeError, match="belongs to another question"):
         OverlayDecoderComponent(question="Another question?", chain_id="decoder-test", **wired).get_chain()

@@ -10,7 +10,8 @@ from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
 from overlay_components.overlay.selector import ITLMSelectorComponent
 
-CONTEXTS = ("<THOUGHT> Natalia sold", "<THOUGHT> Weng earns", "<ACTION> CALL calc(")
+CONTEXTS = ("<Q> How many clips? <THOUGHT> Natalia sold", "<Q> How much did Weng earn? <THOUGHT> Weng earns",
+            "<Q> How many clips? <THOUGHT> Natalia sold 48/2 <ACTION> CALL calc(")
 
 
 @pytest.fixture(scope="module")
