@@ -561,22 +561,21 @@ def node_decoder(domain: str, model_dir: str, redis_url: str | None,
     """A decoder over the domain's active table and the shared selector (kept per settings, table version and model
     files), with the lock its domain and model share: decoders of other domains or models run in parallel."""
     from overlay.decode import DecodeConfig, OverlayDecoder
-    from overlay.tokenizer import tokenizer_hash
+    from overlay.tokenizer import check_tokenizers
 
     loaded, _ = shared_selector(model_dir)
     client = connect(redis_url)
     model_key = str(Path(model_dir).expanduser().resolve())
-    key = (domain, tbl.active_version(client, domain), redis_url or "", model_key, loaded.fingerprint,
-           tuple(sorted(config.items())))
+    version = tbl.active_version(client, domain)
+    key = (domain, version, redis_url or "", model_key, loaded.fingerprint, tuple(sorted(config.items())))
     with _cache_lock:
         decoder = _decoders.get(key)
         if decoder is not None:
             _decoders.move_to_end(key)
     if decoder is None:
-        table = tbl.SemanticTable(client, domain)
-        if table.meta.get("tokenizer_hash") not in (None, tokenizer_hash(loaded.tokenizer)):
-            raise NodeError(f"model {model_dir} was trained with another tokenizer than table {domain!r} "
-                            f"v{table.version}")
+        table = tbl.SemanticTable(client, domain, version)
+        check_tokenizers({f"table {domain!r} v{table.version}": table.meta.get("tokenizer_hash"),
+                          f"model {model_dir}": loaded.tokenizer})
         decoder = OverlayDecoder(table, loaded.model, loaded.tokenizer, DecodeConfig(**config), SessionStore(client))
         with _cache_lock:
             _decoders[key] = decoder

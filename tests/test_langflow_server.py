@@ -54,7 +54,7 @@ def server(overlay_model, tmp_path_factory):
     (home / "overlay" / "models").mkdir(parents=True)
     (home / "overlay" / "models" / overlay_model.domain).symlink_to(overlay_model.model_dir)
     port = free_port()
-    env = os.environ | overlay_model.env() | {"OVERLAY_HOME": str(home / "overlay"), 
+    env = os.environ | overlay_model.env() | {"OVERLAY_HOME": str(home / "overlay"),
         "LANGFLOW_CONFIG_DIR": str(home), "LANGFLOW_DATABASE_URL": f"sqlite:///{home}/langflow.db",
         "LANGFLOW_AUTO_LOGIN": "false", "LANGFLOW_SUPERUSER": ADMIN, "LANGFLOW_SUPERUSER_PASSWORD": PASSWORD,
         "LANGFLOW_DO_NOT_TRACK": "true", "LANGFLOW_OPEN_BROWSER": "false", "LANGFLOW_WORKERS": "1"}

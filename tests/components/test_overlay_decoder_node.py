@@ -15,7 +15,7 @@ from overlay.chains import load_chains
 from overlay.decode import DecodeResult, load_decoder
 from overlay.langflow_support import NodeError, chat_text, decode_settings, make_spec, node_decoder, shared_selector
 from overlay.table import SemanticTable, build_table
-from overlay.tokenizer import encode, tokenizer_hash
+from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
@@ -113,6 +113,17 @@ def test_the_decoder_reuses_the_selector_nodes_model(overlay_model, wired):
     decoder, _ = node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])
     assert decoder.model is shared_selector(overlay_model.model_dir)[0].model
     assert node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])[0] is decoder
+
+
+def test_a_table_made_with_another_tokenizer_is_one_readable_line(overlay_model, wired):
+    texts = [chain.to_text() for chain in load_chains(SAMPLE, limit=20).chains]
+    tok = train_tokenizer(texts, vocab_size=300)
+    build_table(overlay_model.client, "lf-other-tokenizer", [encode(tok, t) for t in texts], vocab_size=len(tok),
+                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=2)
+    table = GetNeighboursComponent(domain="lf-other-tokenizer", redis_url=overlay_model.redis_url, k=16).get_table()
+    with pytest.raises(NodeError, match="uses another tokenizer than table 'lf-other-tokenizer' v1") as info:
+        OverlayDecoderComponent(question=QUESTION, **(wired | {"table": table})).get_chain()
+    assert "\n" not in str(info.value)
 
 
 @pytest.fixture(scope="module")
