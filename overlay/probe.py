@@ -1056,7 +1056,7 @@ def probe_tracks(table, models: dict[str, tuple[Any, Any]], library: TrackLibrar
     written when the training chains were made) fixes the held-out variants; without it they are regenerated
     from the config's seed, which gives the same split only with the same library and overlay version."""
     from overlay.decode import DecodeConfig, OverlayDecoder
-    from overlay.tokenizer import encode, tokenizer_hash
+    from overlay.tokenizer import TokenizerMismatch, check_tokenizers, encode
 
     config = config or ProbeConfig()
     log = log or (lambda *_: None)
@@ -1079,14 +1079,13 @@ def probe_tracks(table, models: dict[str, tuple[Any, Any]], library: TrackLibrar
         if leaked:
             raise ProbeError(f"{len(leaked)} held-out variant(s) are also training chains in the split")
     words = {t.id: slot_words(t) for t in lib.tracks}
-    hashes = {name: tokenizer_hash(tok) for name, (_, tok) in models.items()}
-    table_hash = table.meta.get("tokenizer_hash", "")
+    try:
+        check_tokenizers({f"table {table.domain!r} v{table.version}": table.meta.get("tokenizer_hash"),
+                          **{name: tok for name, (_, tok) in models.items()}})
+    except TokenizerMismatch as exc:
+        raise ProbeError(f"{exc}: train the model and the control on this table's tokenizer") from None
     for name, (model, _) in models.items():
-        if table_hash and hashes[name] != table_hash:
-            raise ProbeError(f"{name} was trained with another tokenizer than table {table.domain!r} v{table.version}")
         check_hidden_access(model, name)
-    if len(set(hashes.values())) > 1:
-        raise ProbeError(f"the models use different tokenizers ({hashes}): train the control on the same table")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     heldout, js = vset.heldout, config.prefixes()

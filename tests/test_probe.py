@@ -331,7 +331,8 @@ def test_continue_from_a_prefix(pair):
     result = continue_from(decoder, "<Q> Tom earns $12 an hour for babysitting. Last week Tom worked 5 hours. How much "
                                     "did Tom earn? <THOUGHT> Tom earned 12 * 5 for babysitting. ", max_new_tokens=30)
     assert result.text.startswith("<Q> Tom earns $12") and result.tokens <= 30
-    assert result.steps and result.steps[0]["tag"] in ("RESULT", "ACTION", "THOUGHT", "CHECK", "ANSWER")
+    assert result.steps[0] == {"tag": "THOUGHT", "text": "Tom earned 12 * 5 for babysitting."}  # the prefix, routed
+    assert result.steps[1] == {"tag": "ACTION", "text": "CALL calc(12*5)"}  # the track goes on with the prefix's numbers
     with pytest.raises(ProbeError, match="a chain prefix starts with <Q>"):
         continue_from(decoder, "<THOUGHT> no question")
 
@@ -353,7 +354,8 @@ def test_the_split_file_round_trips_and_is_checked(pair, tmp_path):
 
 def test_models_with_another_tokenizer_are_refused(pair, overlay_model, tmp_path):
     table = SemanticTable(pair["server"], pair["domain"])
-    with pytest.raises(ProbeError, match="was trained with another tokenizer than table 'probe-test'"):
+    refused = r"^model \(\w+\) uses another tokenizer than table 'probe-test' v1 \(\w+\): train"
+    with pytest.raises(ProbeError, match=refused):
         probe_tracks(table, load_models(overlay_model.model_dir), load_library(LIBRARY), tmp_path, ProbeConfig(limit=1))
 
 

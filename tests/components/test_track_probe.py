@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from lfx.services.deps import get_settings_service
 
 from overlay.langflow_support import NodeError
+from overlay.selector import load_selector
 from overlay_components.overlay.track_probe import TrackProbeComponent
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "data" / "gsm8k_train_sample.jsonl"
@@ -19,22 +22,33 @@ def unrestricted_paths(monkeypatch):
     monkeypatch.setattr(get_settings_service().settings, "restrict_local_file_access", False)
 
 
+@pytest.fixture(scope="module")
+def untrained(overlay_model, tmp_path_factory) -> str:
+    """A control that learnt nothing: the test selector's folder (same tokenizer) with freshly initialised weights."""
+    model, _ = load_selector(overlay_model.model_dir)
+    folder = tmp_path_factory.mktemp("untrained") / "model"
+    shutil.copytree(overlay_model.model_dir, folder)
+    torch.manual_seed(0)
+    type(model)(model.config).save_pretrained(folder)
+    return str(folder)
+
+
 def node(model, tmp_path, **values) -> TrackProbeComponent:
-    """A Track Probe node on the test table and selector (the same model as its control), two tracks, one figure."""
-    return TrackProbeComponent(**({"library": str(SAMPLE), "model_dir": model.model_dir, "control_dir": model.model_dir,
+    """A Track Probe node on the test table and selector (no control unless given), two tracks, one figure."""
+    return TrackProbeComponent(**({"library": str(SAMPLE), "model_dir": model.model_dir, "control_dir": "",
                                    "domain": model.domain, "redis_url": model.redis_url, "out_dir": str(tmp_path / "probe"),
                                    "prefix_steps": "1", "next_steps": 2, "variants": 5, "heldout": 1, "seed": 0,
                                    "limit": 2} | values))
 
 
-def test_summary_and_report(overlay_model, tmp_path):
-    component = node(overlay_model, tmp_path)
+def test_summary_and_report(overlay_model, untrained, tmp_path):
+    component = node(overlay_model, tmp_path, control_dir=untrained)
     summary = component.get_summary().data
     assert summary["report"] == str(tmp_path / "probe") and summary["tracks"] == 2 and summary["heldout_variants"] == 2
     assert set(summary["models"]) == {"model", "control"}
-    model = summary["models"]["model"]
-    assert 0 <= model["entry_rate"] <= 1 and model["expected_steps"] > 0
-    assert model == summary["models"]["control"]  # the same selector twice gives the same numbers
+    model, control = summary["models"]["model"], summary["models"]["control"]
+    assert model["expected_steps"] == control["expected_steps"] > 0  # the same held-out variants for both
+    assert model["followed_units"] > control["followed_units"]  # the trained selector keeps to its tracks longer
     assert len(model["layer_similarity"]) == 2 and len(model["anchor_attention"]) == 1  # one block: embeddings + 1
     assert all(Path(f).is_file() for f in summary["figures"]) and len(summary["figures"]) == 3
     report = component.get_report().text
