@@ -1,8 +1,15 @@
-"""docker-compose.yml: Redis and Langflow-with-overlay wired together (no Docker engine here: structure only)."""
+"""docker-compose.yml: Redis and Langflow-with-overlay wired together.
+
+Checked as parsed YAML and with `docker compose config` (no Docker engine needed); nothing here builds or starts it.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,3 +77,45 @@ def test_flows_and_configuration_are_mounted(compose):
     for host in volumes.values():
         assert not host.startswith("./") or host == "./models" or (ROOT / host).exists(), host
     assert settings["LANGFLOW_AUTO_LOGIN"] == "false"
+
+
+@pytest.fixture(scope="module")
+def compose_cli() -> list[str]:
+    """A Docker Compose v2 command: the docker CLI's plugin or a standalone ``docker-compose`` ≥ 2."""
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]):
+            run = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True, timeout=60)
+            major = run.stdout.strip().lstrip("v").split(".")[0]
+            if run.returncode == 0 and major.isdigit() and int(major) >= 2:
+                return cmd
+    pytest.skip("no Docker Compose v2 CLI (`docker compose` plugin or docker-compose ≥ 2 on PATH); Compose v1, "
+                "e.g. Debian 12's docker-compose 1.29, rejects the Compose Specification's top-level `name`")
+
+
+def compose_config(cli: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`docker compose config --format json` on the repository's file, with ``env`` added to a clean environment."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LANGFLOW_", "COMPOSE_"))}
+    return subprocess.run([*cli, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"), "config",
+                           "--format", "json"], capture_output=True, text=True, env=clean | env, timeout=60)
+
+
+def test_compose_config_resolves_the_stack(compose_cli):
+    run = compose_config(compose_cli, LANGFLOW_SUPERUSER_PASSWORD="s3cret")
+    assert run.returncode == 0, run.stderr
+    config = json.loads(run.stdout)
+    assert config["name"] == "langflow-overlay" and set(config["services"]) == {"redis", "langflow"}
+    langflow = config["services"]["langflow"]
+    assert langflow["environment"]["LANGFLOW_SUPERUSER_PASSWORD"] == "s3cret"
+    assert langflow["environment"]["LANGFLOW_SUPERUSER"] == "admin"
+    assert (Path(langflow["build"]["context"]) / langflow["build"]["dockerfile"]).is_file()
+    assert langflow["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert [(p["host_ip"], p["target"]) for p in langflow["ports"]] == [("127.0.0.1", 7860)]
+    binds = {v["target"]: Path(v["source"]) for v in langflow["volumes"] if v["type"] == "bind"}
+    assert all(src.exists() for target, src in binds.items() if target != "/app/models"), binds
+    named = {v["source"] for s in config["services"].values() for v in s["volumes"] if v["type"] == "volume"}
+    assert named == set(config["volumes"]) == {"redis-data", "langflow-data"}
+
+
+def test_compose_config_refuses_a_missing_superuser_password(compose_cli):
+    run = compose_config(compose_cli)
+    assert run.returncode != 0 and "set LANGFLOW_SUPERUSER_PASSWORD" in run.stderr
