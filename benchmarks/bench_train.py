@@ -33,7 +33,7 @@ def train_once(data_dir, out, device: str, args, attn_span: int = 0) -> dict:
         if acc is not None and acc >= args.target and not reached:
             reached.update(step=step, seconds=time.perf_counter() - start, accuracy=acc)
 
-    cfg = TrainConfig(data=str(data_dir), out=str(out), steps=args.steps, batch_size=args.batch_size, device=device,
+    cfg = TrainConfig(data=str(data_dir), out=str(out), arch="window", steps=args.steps, batch_size=args.batch_size, device=device,
                       threads=args.threads if device == "cpu" else 0, eval_every=args.eval_every, eval_rows=args.eval_rows,
                       save_every=0, warmup=min(100, args.steps // 5), positions="alibi" if attn_span else "slot",
                       attn_span=attn_span)

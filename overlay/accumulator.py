@@ -20,6 +20,7 @@ from overlay.router import STEP_TAGS
 from overlay.store import StoreUnavailable
 
 SESSION_PREFIX = "ovl:session:"
+TRACE_CAP = 100_000  # trace steps kept per session (a Redis stream, trimmed beyond this)
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 _STEP_TAG_TOKENS = {f"<{tag}>": tag for tag in STEP_TAGS}
 _SECRET_RE = re.compile(r"(://[^:/@\s]*:)[^@\s]*@|(password=)\S+", re.IGNORECASE)
@@ -198,5 +199,41 @@ class SessionStore:
             raise ValueError(f"session {session_id!r} does not hold valid JSON: {exc}") from None
 
     def delete(self, session_id: str) -> bool:
-        """Delete a session; return True if it existed."""
-        return bool(self._call("delete", self.key(session_id)))
+        """Delete a session (its state, ids and trace); return True if it existed."""
+        key = self.key(session_id)
+        return bool(self._call("delete", key, key + ":ids", key + ":trace"))
+
+    def append(self, session_id: str, state: Mapping[str, Any], ids: list[int], trace: list[Mapping[str, Any]],
+               ttl_s: int = 3600, trace_cap: int = TRACE_CAP) -> int:
+        """Save a chain incrementally: a small fixed-size state (overwritten), the ids and trace steps made since the
+        last save (appended to a list and to a capped stream). What one save writes does not grow with the chain;
+        returns the bytes written."""
+        key = self.key(session_id)
+        payload = json.dumps(dict(state), separators=(",", ":"))
+        steps = [json.dumps(dict(s), separators=(",", ":")) for s in trace]
+        written = len(payload) + sum(len(s) for s in steps) + sum(len(str(i)) for i in ids)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(key, payload, ex=ttl_s)
+            if ids:
+                pipe.rpush(key + ":ids", *ids)
+            for step in steps:
+                pipe.xadd(key + ":trace", {"s": step}, maxlen=trace_cap, approximate=True)
+            pipe.expire(key + ":ids", ttl_s)
+            pipe.expire(key + ":trace", ttl_s)
+            pipe.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ClusterError) as exc:
+            raise StoreUnavailable(f"session store unavailable: Redis pipeline failed ({type(exc).__name__}: "
+                                   f"{_scrub(str(exc))[:200]})") from exc
+        return written
+
+    def load_chain(self, session_id: str) -> tuple[dict[str, Any], list[int], list[dict[str, Any]]] | None:
+        """(state, ids, trace steps) saved by ``append``, or None when the session is missing or expired."""
+        state = self.load(session_id)
+        if state is None:
+            return None
+        key = self.key(session_id)
+        ids = [int(i) for i in self._call("lrange", key + ":ids", 0, -1)]
+        trace = [json.loads(fields[b"s"] if b"s" in fields else fields["s"])
+                 for _, fields in self._call("xrange", key + ":trace")]
+        return state, ids, trace

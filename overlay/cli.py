@@ -307,15 +307,23 @@ def _train(**kwargs: Any) -> None:
 
 def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
           generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
-          variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256) -> None:
+          variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256,
+          adapter: Optional[str] = None) -> None:
     """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
     the overlay, the full-context peer and the table alone."""
     from overlay.evaluate import evaluate, write_report
     from overlay.generation import generation_markdown, heldout_variants, verification_success
     from overlay.selector import load_selector
 
+    from overlay.decode import adapter_for
+
+    adapter = adapter_for(model, domain) if adapter is None else ("" if adapter == "none" else adapter)
     try:
         selector, tok = load_selector(model)
+        if adapter:
+            from overlay.train import load_adapters
+
+            selector = load_adapters(model, [adapter])
         peer_model = load_selector(peer)[0] if peer else None
     except (ValueError, OSError) as exc:
         fail(str(exc))
@@ -331,12 +339,12 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
     markdown = ""
     if generate:
         results["generation"] = verification_success(table, selector, tok, report.chains[:generate], config,
-                                                     peer=peer_model, progress=True, keep=5)
+                                                     peer=peer_model, progress=True, keep=5, adapter=adapter)
         markdown += generation_markdown(results["generation"], f"Chains decoded end to end, {data.name}")
     if variants:
         chains = heldout_variants(str(variants_data or data), variants)
         results["variants"] = verification_success(table, selector, tok, chains, config, peer=peer_model,
-                                                   progress=True, keep=5)
+                                                   progress=True, keep=5, adapter=adapter)
         markdown += generation_markdown(results["variants"], f"Held-out variants of the first {variants} records")
     paths = write_report(results, out)
     if markdown:
@@ -370,6 +378,8 @@ def eval_command(
     variants: int = typer.Option(0, "--variants", help="Also decode held-out variants of the first N training records."),
     variants_data: Optional[Path] = typer.Option(None, "--variants-data", help="GSM8K-format training file for --variants."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Token limit per decoded chain."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter of the model folder to use "
+                                          "(default: the domain's, when the folder has one; 'none': the base alone)."),
     question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
     steps_field: str = FIELD_OPTS["steps_field"][1],
     answer_field: str = FIELD_OPTS["answer_field"][1],
@@ -378,7 +388,8 @@ def eval_command(
 ) -> None:
     """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
     _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url,
-          field_map(question_field, steps_field, answer_field, equation_field), peer, variants, variants_data, max_tokens)
+          field_map(question_field, steps_field, answer_field, equation_field), peer, variants, variants_data, max_tokens,
+          adapter)
 
 
 TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",

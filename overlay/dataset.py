@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from overlay.configs import DISTRACTORS, DatasetConfig
 from overlay.chains import ACTION, ANSWER, CHECK, EOS, PAD, RESULT, SPECIAL_TOKENS, THOUGHT, Chain
 from overlay.table import SemanticTable
-from overlay.tokenizer import encode, save_tokenizer, tokenizer_hash
+from overlay.tokenizer import check_tokenizers, encode, save_tokenizer
 
 PAD_ID = SPECIAL_TOKENS.index(PAD)
 EOS_ID = SPECIAL_TOKENS.index(EOS)
@@ -237,10 +237,8 @@ def build_dataset(table: SemanticTable, tokenizer, chains: Iterable[Chain], out:
     """Write one row per target token of every chain into Parquet shards under out, then manifest.json."""
     config = config or DatasetConfig()
     out = Path(out)
-    tok_hash = tokenizer_hash(tokenizer)
-    table_hash = table.meta.get("tokenizer_hash", "")
-    if table_hash and table_hash != tok_hash:
-        raise ValueError(f"tokenizer hash {tok_hash} does not match the table's ({table.domain} v{table.version}: {table_hash})")
+    tok_hash = check_tokenizers({"tokenizer": tokenizer,
+                                 f"table {table.domain} v{table.version}": table.meta.get("tokenizer_hash", "")})
     vocab_size = tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True)
     k, K = config.window, config.candidates
     encoded = [encode(tokenizer, c.to_text()) for c in chains]
@@ -327,9 +325,7 @@ def load_dataset(folder: str | Path, expect_tokenizer_hash: str | None = None,
         raise ValueError(f"dataset {folder} has k={manifest.k}, K={manifest.K}: need k ≥ 1 and K ≥ 2")
     if manifest.rows == 0:
         raise ValueError(f"empty dataset: {folder} has 0 rows (no chain had a target token)")
-    if expect_tokenizer_hash and expect_tokenizer_hash != manifest.tokenizer_hash:
-        raise ValueError(f"tokenizer hash mismatch: dataset {folder} was built with {manifest.tokenizer_hash}, "
-                         f"expected {expect_tokenizer_hash}")
+    check_tokenizers({"expected": expect_tokenizer_hash, f"dataset {folder}": manifest.tokenizer_hash})
     want = _expected_table(expect_table)
     if want is not None:
         have = manifest.table

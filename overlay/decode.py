@@ -12,7 +12,7 @@ import functools
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,8 @@ class DecodeResult:
 
 @dataclass
 class DecodeState:
-    """One chain in flight: token ids, the prompt's length, router and accumulator (JSON round trip for sessions)."""
+    """One chain in flight: token ids, the prompt's length, router and accumulator; a session saves its small state
+    and appends its ids and trace (``OverlayDecoder._save``)."""
 
     question: str
     ids: list[int]
@@ -102,16 +103,15 @@ class DecodeState:
     router: Router
     acc: ScoreAccumulator = field(default_factory=ScoreAccumulator)
     elapsed: float = 0.0
-    kv: Any = field(default=None, repr=False, compare=False)  # (CachedScorer, KVCache) for ALiBi selectors; not saved
+    kv: Any = field(default=None, repr=False, compare=False)  # the selector's per-chain memory; not saved
+    saved: tuple[int, int] = field(default=(0, 0), repr=False, compare=False)  # ids, trace steps already saved
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"question": self.question, "ids": self.ids, "prompt_len": self.prompt_len, "elapsed": self.elapsed,
-                "router": self.router.to_dict(), "accumulator": self.acc.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DecodeState:
-        return cls(data["question"], list(data["ids"]), int(data["prompt_len"]), Router.from_dict(data["router"]),
-                   ScoreAccumulator.from_dict(data["accumulator"]), float(data.get("elapsed", 0.0)))
+    def summary(self) -> dict[str, Any]:
+        """The fixed-size part of a saved chain (ids and trace are appended separately)."""
+        acc = self.acc
+        return {"question": self.question, "prompt_len": self.prompt_len, "elapsed": self.elapsed,
+                "log_score": acc.log_score, "scored_tokens": acc.scored_tokens, "tag_counts": acc.tag_counts,
+                "stop_reason": acc.stop_reason}
 
 
 def _masked(logp: torch.Tensor | list[float], allowed: list[bool] | None) -> list[float]:
@@ -155,8 +155,9 @@ class OverlayDecoder:
     stage_seconds: dict[str, float] | None = None
 
     def __init__(self, table: SemanticTable, model: torch.nn.Module | None, tokenizer, config: DecodeConfig | None = None,
-                 sessions: SessionStore | None = None):
+                 sessions: SessionStore | None = None, adapter: str = ""):
         self.table = table
+        self.adapter = adapter
         self.model = model.eval() if model is not None else None
         self.tokenizer = tokenizer
         self.config = config or DecodeConfig()
@@ -266,7 +267,8 @@ class OverlayDecoder:
             from overlay.selector import CachedScorer, FastScorer, QASelector, QAScorer  # transformers loads lazily
 
             fast, cached = FastScorer.build(self.model), CachedScorer.build(self.model)
-            qa = QAScorer(self.model, self.numbers) if type(self.model) is QASelector else None
+            base = getattr(getattr(self.model, "base_model", self.model), "model", self.model)
+            qa = QAScorer(self.model, self.numbers, self.adapter) if isinstance(base, QASelector) else None
             self.__dict__["_paths"] = (self.model, fast, cached, qa)
         return fast, cached, qa
 
@@ -415,9 +417,33 @@ class OverlayDecoder:
             tokens=len(state.ids) - state.prompt_len, seconds=state.elapsed, session_id=session_id,
         )
 
-    def _save(self, session_id: str | None, state: DecodeState) -> None:
-        if session_id and self.sessions is not None:
-            self.sessions.save(session_id, state.to_dict(), ttl_s=self.config.session_ttl_s)
+    def _save(self, session_id: str | None, state: DecodeState) -> int:
+        """Append what the chain made since its last save (ids, trace) and overwrite its small state; returns the
+        bytes written, which do not grow with the chain's length."""
+        if not (session_id and self.sessions is not None):
+            return 0
+        ids_done, steps_done = state.saved
+        written = self.sessions.append(session_id, state.summary(), state.ids[ids_done:],
+                                       [asdict(s) for s in state.acc.steps[steps_done:]], ttl_s=self.config.session_ttl_s)
+        state.saved = (len(state.ids), len(state.acc.steps))
+        return written
+
+    def _restore(self, saved: tuple[dict[str, Any], list[int], list[dict[str, Any]]]) -> DecodeState:
+        """Rebuild a chain from its saved state, ids and trace; the router replays the steps from the ids."""
+        summary, ids, trace = saved
+        state = DecodeState(summary["question"], ids, int(summary["prompt_len"]), Router(sep=""),
+                            elapsed=float(summary.get("elapsed", 0.0)))
+        acc = state.acc
+        acc.log_score, acc.scored_tokens = float(summary["log_score"]), int(summary["scored_tokens"])
+        acc.tag_counts, acc.stop_reason = dict(summary["tag_counts"]), summary["stop_reason"]
+        acc.steps = [TraceStep(**s) for s in trace]
+        first = next((i for i, t in enumerate(ids) if t in STEP_TAG_IDS), len(ids))
+        for t in ids[max(first, state.prompt_len):]:
+            state.router.feed(self.texts[t], is_tag=t in TAG_IDS)
+        if acc.stop_reason not in (None, "max_tokens", "low_score"):
+            state.router.finish()
+        state.saved = (len(ids), len(trace))
+        return state
 
     def generate(self, question: str = "", session_id: str | None = None, max_new_tokens: int | None = None) -> DecodeResult:
         """Decode one chain. With a session id whose state exists, continue it (the question may be empty).
@@ -427,9 +453,9 @@ class OverlayDecoder:
         """
         state = None
         if session_id and self.sessions is not None:
-            saved = self.sessions.load(session_id)
+            saved = self.sessions.load_chain(session_id)
             if saved is not None:
-                state = DecodeState.from_dict(saved)
+                state = self._restore(saved)
                 if question and " ".join(question.split()) != state.question:
                     raise ValueError(f"session {session_id!r} belongs to another question: {state.question[:60]!r}")
                 if state.acc.stop_reason == "max_tokens" and len(state.acc.steps) < self.config.max_tokens:
@@ -482,31 +508,52 @@ def _client(redis_url: str | None) -> Any:
 
 
 def model_fingerprint(folder: str | Path) -> tuple:
-    """(name, size, mtime) of a model folder's files: changes when the model is retrained or replaced."""
+    """(name, size, mtime) of a model folder's files and its adapters': changes when either is retrained."""
     folder = Path(folder)
-    files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    files = sorted(p for pattern in ("*", "adapters/*/*") for p in folder.glob(pattern) if p.is_file()) \
+        if folder.is_dir() else []
+    return tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def adapter_for(model_dir: str | Path, domain: str) -> str:
+    """The domain's LoRA adapter in a model folder (``adapters/<domain>``), or "" for the base alone."""
+    return domain if (Path(model_dir) / "adapters" / domain / "adapter_config.json").is_file() else ""
+
+
+@functools.lru_cache(maxsize=4)
+def _base(model_dir: str, device: str, fingerprint: tuple) -> tuple[Any, Any]:
+    """One loaded base (with every adapter of its folder, none merged) per model folder and its files."""
+    from overlay.selector import load_selector
+
+    model, tokenizer = load_selector(model_dir, device=device)
+    names = sorted(p.parent.name for p in Path(model_dir).glob("adapters/*/adapter_config.json"))
+    if names:
+        from overlay.train import load_adapters
+
+        model = load_adapters(model_dir, names, device)
+    return model, tokenizer
 
 
 @functools.lru_cache(maxsize=8)
 def _cached(domain: str, model_dir: str, redis_url: str | None, device: str, config: tuple, version: int | None,
             fingerprint: tuple) -> OverlayDecoder:
-    from overlay.selector import load_selector
-    from overlay.tokenizer import tokenizer_hash
+    from overlay.tokenizer import check_tokenizers
 
     client = _client(redis_url)
     table = SemanticTable(client, domain, version)
-    model, tokenizer = load_selector(model_dir, device=device)
-    if table.meta.get("tokenizer_hash") and table.meta["tokenizer_hash"] != tokenizer_hash(tokenizer):
-        raise ValueError(f"model {model_dir} was trained with another tokenizer than table {domain!r} v{table.version}")
-    decoder = OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client))
+    model, tokenizer = _base(model_dir, device, fingerprint)
+    check_tokenizers({f"table {domain!r} v{table.version}": table.meta.get("tokenizer_hash"), f"model {model_dir}": tokenizer})
+    decoder = OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client),
+                             adapter_for(model_dir, domain))
     decoder.warm_up()
     return decoder
 
 
 def load_decoder(domain: str, model_dir: str, redis_url: str | None = None, device: str = "cpu", **config: Any) -> OverlayDecoder:
-    """A decoder for a domain's active table and a selector folder, cached per arguments, the table's active version
-    and the model files (a rebuilt table or a retrained model is picked up by the next call); warmed up once."""
+    """A decoder for a domain's active table and a selector folder, using the domain's LoRA adapter when the folder
+    has one (the base is loaded once and shared, so switching domains reloads nothing); cached per arguments, the
+    table's active version and the model files (a rebuilt table or a retrained model is picked up by the next
+    call); warmed up once."""
     from overlay.table import active_version
 
     version = active_version(_client(redis_url), domain)

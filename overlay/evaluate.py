@@ -17,7 +17,7 @@ import torch
 from overlay.chains import Chain
 from overlay.dataset import NeighbourCache, split_chains, target_mask, token_tags, window_of
 from overlay.table import SemanticTable
-from overlay.tokenizer import encode, tokenizer_hash
+from overlay.tokenizer import check_tokenizers, encode
 
 LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 RECALL_KS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -37,12 +37,8 @@ def bucket_name(lo: int, hi: int | None) -> str:
 
 def _check_inputs(table: SemanticTable, model, tokenizer) -> str:
     """Refuse a table, model and tokenizer that do not belong together; returns the tokenizer hash."""
-    tok_hash = tokenizer_hash(tokenizer)
-    for what, other in (("table", table.meta.get("tokenizer_hash", "")),
-                        ("model", getattr(model.config, "tokenizer_hash", "") or "")):
-        if other and other != tok_hash:
-            raise ValueError(f"tokenizer hash {tok_hash} does not match the {what}'s ({other})")
-    return tok_hash
+    return check_tokenizers({"tokenizer": tokenizer, "table": table.meta.get("tokenizer_hash", ""),
+                             "model": getattr(model.config, "tokenizer_hash", "")})
 
 
 def _rows(tokenizer, chains: Iterable[Chain], k: int, max_order: int) -> dict[str, np.ndarray | list]:
@@ -175,8 +171,9 @@ def evaluate(table: SemanticTable, model, tokenizer, chains: Iterable[Chain], *,
 
 
 def _qa_hits(model, tokenizer, chains: list[Chain], data: dict, cands: np.ndarray,
-             label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy@1, reciprocal rank and "scored" mask of the question-aware selector over the table's K candidates plus its copy
+             label: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Accuracy@1, reciprocal rank, "scored" mask, and full-vocabulary accuracy@1 and reciprocal rank of the
+    question-aware selector over the table's K candidates plus its copy
     values, one forward per chain (a target spelled by a visible number counts as its copy value; the positions
     inside a copied number are not scored, as in decoding)."""
     from overlay.dataset import prompt_length
@@ -187,6 +184,8 @@ def _qa_hits(model, tokenizer, chains: list[Chain], data: dict, cands: np.ndarra
     hit = np.zeros(len(label), dtype=bool)
     rr = np.zeros(len(label))
     scored = np.zeros(len(label), dtype=bool)
+    full_hit = np.zeros(len(label), dtype=bool)
+    full_rr = np.zeros(len(label))
     device = next(model.parameters()).device
     for cid, chain in enumerate(chains):
         rows = np.flatnonzero(data["chain"] == cid)
@@ -201,24 +200,32 @@ def _qa_hits(model, tokenizer, chains: list[Chain], data: dict, cands: np.ndarra
         batch = collate([ex], device)
         batch.pop("labels")
         with torch.inference_mode():
-            logits = model(**batch).logits.float().cpu().numpy()
+            out = model(**batch)
+            logits = out.logits.float().cpu().numpy()
+            last = out.hidden[0, batch["at"] + batch["question_ids"].shape[1]]
+            full = (last @ model.get_input_embeddings().weight.T).float().cpu()
+        target = torch.as_tensor(data["target"][kept])
+        true = full.gather(1, target[:, None])
+        full_hit[kept] = (full.argmax(-1) == target).numpy()
+        full_rr[kept] = (1.0 / ((full > true).sum(-1) + 1)).numpy()
         gold = np.asarray(ex.labels)
-        true = np.take_along_axis(logits, np.maximum(gold, 0)[:, None], 1)[:, 0]
+        gold_score = np.take_along_axis(logits, np.maximum(gold, 0)[:, None], 1)[:, 0]
         found = gold >= 0
         hit[kept] = found & (logits.argmax(-1) == gold)
-        rr[kept] = np.where(found, 1.0 / ((logits > true[:, None]).sum(-1) + 1), 0.0)
+        rr[kept] = np.where(found, 1.0 / ((logits > gold_score[:, None]).sum(-1) + 1), 0.0)
         scored[kept] = True
-    return hit, rr, scored
+    return hit, rr, scored, full_hit, full_rr
 
 
 def _qa_results(model, tokenizer, chains: list[Chain], data: dict, cands: np.ndarray, label: np.ndarray,
                 rank: np.ndarray, report: np.ndarray, tune_rows: np.ndarray, ks: list[int], K: int, k: int,
                 table: SemanticTable, tok_hash: str, tuned_on: str, start: float) -> dict:
-    """Next-token results for a question-aware selector: the table alone and the overlay (K + copies) on the
-    positions the overlay scores."""
-    hit, rr, scored = _qa_hits(model, tokenizer, chains, data, cands, label)
+    """Next-token results for a question-aware selector on the positions the overlay scores: the table alone, the
+    selector over the whole vocabulary (no copies), and the overlay (K table candidates + copy values)."""
+    hit, rr, scored, full_hit, full_rr = _qa_hits(model, tokenizer, chains, data, cands, label)
     report = report & scored
-    per_row = {"table": (rank == 0, np.where(label >= 0, 1.0 / (np.maximum(label, 0) + 1), 0.0)), "overlay": (hit, rr)}
+    per_row = {"table": (rank == 0, np.where(label >= 0, 1.0 / (np.maximum(label, 0) + 1), 0.0)),
+               "full_vocab": (full_hit, full_rr), "overlay": (hit, rr)}
 
     def block(rows: np.ndarray) -> dict:
         return {"n": int(rows.sum()), **{m: _summary(h, r, rows) for m, (h, r) in per_row.items()}}
@@ -228,7 +235,8 @@ def _qa_results(model, tokenizer, chains: list[Chain], data: dict, cands: np.nda
     return {
         "chains": len(chains), "positions": int(report.sum()), "dev_positions": int(tune_rows.sum()), "K": K, "k": k,
         "table": {"domain": table.domain, "version": int(table.version)}, "tokenizer_hash": tok_hash,
-        "recall": recall, "recall_at_K": recall[str(K)], "methods": methods, "full_vocab_accuracy": None,
+        "recall": recall, "recall_at_K": recall[str(K)], "methods": methods,
+        "full_vocab_accuracy": methods["full_vocab"]["accuracy"],
         "lambda": 0.0, "lambda_tuned_on": tuned_on, "lambda_grid": [],
         "by_tag": {name: block(report & (data["tag"] == code)) for code, name in TAG_GROUPS.items()},
         "by_position": {bucket_name(lo, hi): block(report & (data["position"] >= lo) & (hi is None or data["position"] <= hi))

@@ -58,15 +58,15 @@ def decode_all(decoder: OverlayDecoder, questions: Sequence[str], chunk: int = 3
 
 
 def verification_success(table, model, tokenizer, chains: Sequence[Chain], config: DecodeConfig | None = None,
-                         peer=None, progress: bool = False, keep: int = 0) -> dict[str, Any]:
-    """Decode the chains' questions with the overlay, the peer (when given) and the table alone; report the
-    measures of each, measured in the same run, and the first ``keep`` results of each for inspection."""
-    out: dict[str, Any] = {"questions": len(chains)}
+                         peer=None, progress: bool = False, keep: int = 0, adapter: str = "") -> dict[str, Any]:
+    """Decode the chains' questions with the overlay (with ``adapter`` when given), the peer (when given) and the
+    table alone; report the measures of each, measured in the same run, and the first ``keep`` results of each."""
+    out: dict[str, Any] = {"questions": len(chains), "adapter": adapter or None}
     methods = {"overlay": model, "peer": peer, "table_only": None}
     for name, m in methods.items():
         if m is None and name != "table_only":
             continue
-        decoder = OverlayDecoder(table, m, tokenizer, config)
+        decoder = OverlayDecoder(table, m, tokenizer, config, adapter=adapter if name == "overlay" else "")
         start = time.perf_counter()
         results = decode_all(decoder, [c.question for c in chains], desc=name, progress=progress)
         out[name] = measures(results, [c.answer for c in chains]) | {"seconds": time.perf_counter() - start}

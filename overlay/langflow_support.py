@@ -171,7 +171,7 @@ def model_options(home: Path | None = None) -> list[str]:
 
 
 def fill_options(build_config: Any, field_value: Any, field_name: str | None) -> Any:
-    """Langflow's refresh button on Domain, Model Folder or Control Folder: offer what exists (free text still works)."""
+    """Langflow's refresh of Domain, Model Folder or Control Folder: offer what exists (typed text still works)."""
     if field_name in build_config:
         build_config[field_name]["value"] = field_value
     with readable_errors():
@@ -240,10 +240,11 @@ def quiet_progress() -> None:
 
 
 def fingerprint(folder: Path) -> tuple:
-    """(name, size, mtime) of the files a load reads (config, weights, tokenizer): changes when the model is retrained."""
+    """(name, size, mtime) of the files a load reads (config, weights, tokenizer): changes when it is retrained."""
     from overlay.selector import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_INDEX
 
-    files = [folder / CONFIG_FILE, folder / TOKENIZER_FILE, folder / WEIGHTS_INDEX, *sorted(folder.glob("*.safetensors"))]
+    files = [folder / CONFIG_FILE, folder / TOKENIZER_FILE, folder / WEIGHTS_INDEX,
+             *sorted(folder.glob("*.safetensors"))]
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
 
 
@@ -307,8 +308,8 @@ def candidate_ids(candidates: Any) -> tuple[list[int], list[float], list[int]]:
 
 
 def candidate_logits(loaded: LoadedSelector, context_ids: list[int], ids: list[int]) -> Any:
-    """The selector's logits for table candidates after a context, read as the decoder reads it: a window selector sees
-    the last k tokens; a question-aware one holds the ``<Q> …`` prompt as its question and reads the rest as the chain."""
+    """The selector's logits for table candidates after a context, read as the decoder reads it: a window selector
+    sees the last k tokens; a question-aware one holds the ``<Q> …`` prompt as its question, the rest as the chain."""
     import torch
 
     from overlay.chains import BOS, Q, SPECIAL_TOKENS, STEP_TAGS

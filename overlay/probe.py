@@ -1445,7 +1445,7 @@ def prepare_models(client, domain: str, train: list[Chain], control: list[Chain]
         build_dataset(table, tok, chains, data, DatasetConfig(window=config.window, candidates=config.candidates,
                                                              seed=config.seed, dev_fraction=0.0))
         result = train_model(TrainConfig(
-            data=str(data), out=str(out / name), steps=config.steps, n_layer=config.n_layer, n_head=config.n_head,
+            data=str(data), out=str(out / name), arch="window", steps=config.steps, n_layer=config.n_layer, n_head=config.n_head,
             n_embd=config.n_embd, batch_size=config.batch_size, lr=config.lr, warmup=max(1, min(100, config.steps // 10)),
             eval_every=0, save_every=0, seed=config.seed, threads=config.threads, device="cpu"), progress=False)
         log(f"{name}: {len(chains)} chains, {result.rows_train} rows, loss {result.train_loss:.3f}, {result.seconds:.1f} s")

@@ -49,7 +49,7 @@ from overlay.selector import (
 from overlay.selector.batches import ChainSource, collate, load_chains_with_rows, make_example
 from overlay.selector.state import NumberSpans, token_texts
 from overlay.table import check_domain
-from overlay.tokenizer import load_tokenizer, tokenizer_hash
+from overlay.tokenizer import check_tokenizers, load_tokenizer, tokenizer_hash
 
 RUN_FIELDS = {"out", "device", "threads", "eval_every", "save_every", "resume"}
 
@@ -191,10 +191,7 @@ def check_compatible(model: Selector, manifest: dict, folder: Path | None) -> No
         rows = model.model.get_output_embeddings().weight.shape[0]
         if int(manifest["vocab_size"]) > rows:
             raise ValueError(f"vocab_size does not match: dataset {manifest['vocab_size']}, {where} has {rows} rows")
-    data_hash, model_hash = manifest.get("tokenizer_hash") or "", _model_hash(model, folder)
-    if data_hash and model_hash and data_hash != model_hash:
-        raise ValueError(f"tokenizer_hash does not match: dataset {data_hash}, {where} {model_hash}; "
-                         "the dataset was built with a different tokenizer")
+    check_tokenizers({"dataset": manifest.get("tokenizer_hash") or "", where: _model_hash(model, folder)})
 
 
 def lr_lambda(total: int, warmup: int, min_lr: float) -> Callable[[int], float]:

@@ -191,3 +191,22 @@ def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
     finally:
         torch.set_num_threads(threads)
     return OverlayModel("lf-test", str(folder / "model"), f"unix://{overlay_redis.socket_file}", overlay_redis)
+
+
+@pytest.fixture(scope="session")
+def overlay_window_model(overlay_model) -> OverlayModel:
+    """The same table with a window selector (the older architecture, which the track probe inspects layer by layer)
+    trained 100 steps on the same dataset."""
+    import torch
+
+    from overlay.train import TrainConfig, train
+
+    folder = Path(overlay_model.model_dir).parent
+    threads = torch.get_num_threads()
+    try:
+        train(TrainConfig(data=str(folder / "dataset"), out=str(folder / "window-model"), arch="window", steps=100,
+                          n_layer=1, n_head=2, n_embd=32, batch_size=64, warmup=10, eval_every=0, eval_rows=500,
+                          save_every=0, threads=1), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return OverlayModel(overlay_model.domain, str(folder / "window-model"), overlay_model.redis_url, overlay_model.client)

@@ -212,8 +212,74 @@ def test_bad_input(parts, overlay_model, tmp_path):
 
 
 def test_table_only_decoding(parts):
+    """Without a selector (and without the repetition penalty) every choice is the table's highest-weight candidate
+    among those the grammar allows."""
     table, _, tok = parts
-    result = OverlayDecoder(table, None, tok, DecodeConfig(max_tokens=30)).generate(QUESTIONS[0])
-    assert result.tokens > 0 and result.trace["steps"][0]["chosen_rank"] == 0
+    dec = OverlayDecoder(table, None, tok, DecodeConfig(max_tokens=30, repetition_penalty=1.0))
+    state = dec.new_state(QUESTIONS[0])
+    while not state.acc.stop_reason:
+        nb = table.neighbours(state.ids[-table.max_order:], dec.k)
+        allowed = [w for c, w, ok in zip(nb.ids, nb.weights, dec._allowed(state, nb.ids, 0)) if ok]
+        before = len(state.acc.steps)
+        dec.step([state])
+        chosen = next(s for s in state.acc.steps[before:] if not s.injected)
+        assert chosen.table_weight == max(allowed)
+    assert len(state.acc.steps) > 0
 
 
+def test_load_decoder_follows_a_rebuilt_table_and_a_retrained_model(overlay_model, tmp_path):
+    """The decoder cache is keyed by the table's active version and the model files: a server that keeps running
+    serves the new table after a rebuild, and the new weights after a retrain (issue 16)."""
+    import shutil
+
+    from overlay.chains import load_chains
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(overlay_model.model_dir, model_dir)
+    _, tok = load_selector(model_dir)
+    chains = load_chains(EXAMPLES / "gsm8k_train_sample.jsonl", limit=20).chains
+
+    def build() -> None:
+        build_table(overlay_model.client, "lf-rebuild", [encode(tok, c.to_text()) for c in chains],
+                    vocab_size=len(tok), tokenizer_json=tok.backend_tokenizer.to_str(),
+                    tokenizer_hash=tokenizer_hash(tok), max_order=3)
+
+    build()
+    first = load_decoder("lf-rebuild", str(model_dir), overlay_model.redis_url)
+    assert load_decoder("lf-rebuild", str(model_dir), overlay_model.redis_url) is first
+    build()
+    rebuilt = load_decoder("lf-rebuild", str(model_dir), overlay_model.redis_url)
+    assert rebuilt is not first and rebuilt.table.version == first.table.version + 1
+    model, _ = load_selector(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(str(model_dir))
+    retrained = load_decoder("lf-rebuild", str(model_dir), overlay_model.redis_url)
+    assert retrained is not rebuilt
+    assert not torch.equal(next(retrained.model.parameters()), next(rebuilt.model.parameters()))
+
+
+def test_a_session_save_writes_the_same_bytes_at_64_and_at_4096_tokens(parts, overlay_model):
+    """Saving appends what was made since the last save and overwrites a fixed-size state: the bytes one save
+    writes do not grow with the chain (issue 16), and the chain reloads whole."""
+    sessions = SessionStore(overlay_model.client)
+    dec = decoder(parts, sessions, max_tokens=10_000, max_step_repeats=10**6)
+    state = dec.new_state(QUESTIONS[0])
+    step = encode(parts[2], "<THOUGHT> She has 12 apples <ACTION> CALL calc(12+3) <RESULT>")
+    written = {}
+    while len(state.acc.steps) < 4096 + 64:
+        dec.force(state, step)
+        n = len(state.acc.steps)
+        for mark in (64, 4096):
+            if mark not in written and n >= mark:
+                dec._save("flat-1", state)  # everything up to the mark
+                before = len(state.acc.steps)
+                for _ in range(3):
+                    dec.force(state, step)
+                written[mark] = (dec._save("flat-1", state), len(state.acc.steps) - before)
+    assert written[64][1] == written[4096][1] and written[4096][0] < 1.1 * written[64][0]  # position digits grow
+    dec._save("flat-1", state)
+    again = dec._restore(sessions.load_chain("flat-1"))
+    assert again.ids == state.ids and len(again.acc.steps) == len(state.acc.steps)
+    assert again.router.to_dict() == state.router.to_dict()

@@ -28,7 +28,7 @@ def setup(client, tmp: Path, chains: int, steps: int, domain: str) -> tuple[Sema
                 tokenizer_hash=tokenizer_hash(tok), tokenizer_json=tok.backend_tokenizer.to_str())
     table = SemanticTable(client, domain)
     build_dataset(table, tok, train_chains, tmp / "data", DatasetConfig(window=8, candidates=32))
-    train(TrainConfig(data=str(tmp / "data"), out=str(tmp / "model"), n_layer=1, n_head=2, n_embd=32, steps=steps,
+    train(TrainConfig(data=str(tmp / "data"), out=str(tmp / "model"), arch="window", n_layer=1, n_head=2, n_embd=32, steps=steps,
                       batch_size=64, lr=1e-2, warmup=10, eval_every=0, eval_rows=2000, save_every=0, device="cpu"),
           progress=False)
     return table, tmp / "model"

@@ -240,7 +240,7 @@ def trained(tmp_root: Path) -> dict:
         train = [v.chain for v in vset.train]
         control = load_chains(GSM8K, limit=len(train)).chains
         folders = prepare_models(server, "probe-test", train, control, tmp_root, PrepareConfig(
-            steps=400, n_layer=2, n_head=2, n_embd=64, batch_size=64, window=16, candidates=16, vocab_size=600, seed=0))
+            steps=400, n_layer=2, n_head=2, n_embd=64, batch_size=64, window=16, candidates=16, vocab_size=856, seed=0))
         vset.write(tmp_root)
         _TRAINED.update(server=server, url=f"unix://{server.socket_file}", domain="probe-test", split=vset,
                         split_file=tmp_root / "variants.json", **folders)
@@ -352,11 +352,11 @@ def test_the_split_file_round_trips_and_is_checked(pair, tmp_path):
         VariantSet.load(tmp_path / "missing.json")
 
 
-def test_models_with_another_tokenizer_are_refused(pair, overlay_model, tmp_path):
+def test_models_with_another_tokenizer_are_refused(pair, overlay_window_model, tmp_path):
     table = SemanticTable(pair["server"], pair["domain"])
     refused = r"^model \(\w+\) uses another tokenizer than table 'probe-test' v1 \(\w+\): train"
     with pytest.raises(ProbeError, match=refused):
-        probe_tracks(table, load_models(overlay_model.model_dir), load_library(LIBRARY), tmp_path, ProbeConfig(limit=1))
+        probe_tracks(table, load_models(overlay_window_model.model_dir), load_library(LIBRARY), tmp_path, ProbeConfig(limit=1))
 
 
 # --- command line ------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from overlay.train import TrainConfig, config_from_kwargs, held_out_mask, load_a
 
 V, k, K = 40, 8, 8
 WORDS = V - 10
-TINY = dict(n_layer=1, n_head=2, n_embd=32, batch_size=64, lr=1e-2, warmup=5, eval_every=10, save_every=0, threads=1)
+TINY = dict(arch="window", n_layer=1, n_head=2, n_embd=32, batch_size=64, lr=1e-2, warmup=5, eval_every=10, save_every=0, threads=1)
 
 
 def write_dataset(folder: Path, shift: int, chains: int = 80, seed: int = 0, tok_hash: str | None = None,
@@ -234,7 +234,7 @@ def test_input_errors(tmp_path, data_a, base):
         with pytest.raises(ValueError, match="need k ≥ 1" if bad_k == 0 else "need K ≥ 2"):
             train(TrainConfig(data=str(bad), out=str(tmp_path / "o2"), **TINY), progress=False)
     other = write_dataset(tmp_path / "other", shift=1, chains=4, tok_hash="different")
-    with pytest.raises(ValueError, match="tokenizer_hash does not match: dataset different, .* words40"):
+    with pytest.raises(ValueError, match=r"base model .* uses another tokenizer than dataset \(different\)"):
         train(TrainConfig(data=str(other), out=str(base), lora=True, **TINY), progress=False)
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)

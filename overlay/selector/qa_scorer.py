@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from overlay.selector.model import SQRT_HALF, alibi_slopes
-from overlay.selector.qa import QASelector
 from overlay.selector.state import NumberSpans, StepState
 
 
@@ -54,12 +53,24 @@ class ChainMemory:
                 + sum(o.key.nbytes for o in self.occurrences))
 
 
-class QAScorer:
-    """The written-out per-token forward of a ``QASelector`` (eval mode, CPU)."""
+def effective(linear: torch.nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a Linear, with a LoRA adapter's update added when the layer carries that adapter."""
+    base = getattr(linear, "base_layer", linear)
+    weight = base.weight.detach()
+    if adapter and adapter in getattr(linear, "lora_A", {}):
+        weight = weight + linear.get_delta_weight(adapter).detach()
+    return weight, base.bias.detach()
 
-    def __init__(self, model: QASelector, numbers: NumberSpans) -> None:
+
+class QAScorer:
+    """The written-out per-token forward of a ``QASelector`` (eval mode, CPU), optionally with one LoRA adapter's
+    update folded into the weights: one base in memory serves every domain, each decoder with its own adapter."""
+
+    def __init__(self, model: torch.nn.Module, numbers: NumberSpans, adapter: str = "") -> None:
+        owner = model
+        model = getattr(getattr(model, "base_model", model), "model", model)
         cfg = model.config
-        self.model, self.numbers = model, numbers
+        self.model, self.numbers, self.adapter = owner, numbers, adapter
         self.params = list(model.parameters())
         self.versions = tuple(p._version for p in self.params)
         self.n_layer, self.n_head, self.span = cfg.n_layer, cfg.n_head, cfg.attn_span
@@ -74,16 +85,19 @@ class QAScorer:
             arr(m.weight) for m in (model.wte, model.wpe_q, model.tag_emb, model.step_emb, model.res_emb))
         self.ln_f = (arr(model.ln_f.weight), arr(model.ln_f.bias), model.ln_f.eps)
         self.ptr_q, self.ptr_k = arr(model.ptr_q.weight).T.copy(), arr(model.ptr_k.weight).T.copy()
-        def folded(ln: torch.nn.LayerNorm, linear: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray, float]:
+        def folded(ln: torch.nn.LayerNorm, linear: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, float]:
             """(W', b', eps) with linear(ln(x)) == whiten(x) @ W' + b'."""
             w, b = ln.weight.detach().double(), ln.bias.detach().double()
-            weight, bias = linear.weight.detach().double().T, linear.bias.detach().double()
-            return (np.ascontiguousarray((w[:, None] * weight).numpy(), np.float32),
-                    (b @ weight + bias).numpy().astype(np.float32), ln.eps)
+            weight, bias = (x.double() for x in effective(linear, adapter))
+            return (np.ascontiguousarray((w[:, None] * weight.T).numpy(), np.float32),
+                    (b @ weight.T + bias).numpy().astype(np.float32), ln.eps)
 
-        self.blocks = [(folded(b.ln_1, b.attn.c_attn), arr(b.attn.c_proj.weight).T.copy(), arr(b.attn.c_proj.bias),
-                        folded(b.ln_2, b.mlp.c_fc), arr(b.mlp.c_proj.weight).T.copy(), arr(b.mlp.c_proj.bias))
-                       for b in model.h]
+        def plain(linear: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+            weight, bias = effective(linear, adapter)
+            return arr(weight).T.copy(), arr(bias)
+
+        self.blocks = [(folded(b.ln_1, b.attn.c_attn), *plain(b.attn.c_proj), folded(b.ln_2, b.mlp.c_fc),
+                        *plain(b.mlp.c_proj)) for b in model.h]
         self.inv_n = np.full(self.d, 1 / self.d, np.float32)
         self.slopes = alibi_slopes(cfg.n_head).numpy().astype(np.float32)
         slot = np.arange(self.span)

@@ -23,11 +23,11 @@ def unrestricted_paths(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def untrained(overlay_model, tmp_path_factory) -> str:
+def untrained(overlay_window_model, tmp_path_factory) -> str:
     """A control that learnt nothing: the test selector's folder (same tokenizer) with freshly initialised weights."""
-    model, _ = load_selector(overlay_model.model_dir)
+    model, _ = load_selector(overlay_window_model.model_dir)
     folder = tmp_path_factory.mktemp("untrained") / "model"
-    shutil.copytree(overlay_model.model_dir, folder)
+    shutil.copytree(overlay_window_model.model_dir, folder)
     torch.manual_seed(0)
     type(model)(model.config).save_pretrained(folder)
     return str(folder)
@@ -41,8 +41,8 @@ def node(model, tmp_path, **values) -> TrackProbeComponent:
                                    "limit": 2} | values))
 
 
-def test_summary_and_report(overlay_model, untrained, tmp_path):
-    component = node(overlay_model, tmp_path, control_dir=untrained)
+def test_summary_and_report(overlay_window_model, untrained, tmp_path):
+    component = node(overlay_window_model, tmp_path, control_dir=untrained)
     summary = component.get_summary().data
     assert summary["report"] == str(tmp_path / "probe") and summary["tracks"] == 2 and summary["heldout_variants"] == 2
     assert set(summary["models"]) == {"model", "control"}
@@ -56,8 +56,8 @@ def test_summary_and_report(overlay_model, untrained, tmp_path):
     assert component.status.startswith("model: entry ") and "on 2 held-out variants" in component.status
 
 
-def test_both_outputs_share_one_run(overlay_model, tmp_path):
-    component = node(overlay_model, tmp_path, control_dir="", limit=1)
+def test_both_outputs_share_one_run(overlay_window_model, tmp_path):
+    component = node(overlay_window_model, tmp_path, control_dir="", limit=1)
     component.get_summary()
     first = component._result
     component.get_report()
@@ -66,10 +66,10 @@ def test_both_outputs_share_one_run(overlay_model, tmp_path):
     assert component._result is None
 
 
-def test_empty_fields_fall_back_to_the_environment(overlay_model, tmp_path, monkeypatch):
-    for key, value in overlay_model.env().items():
+def test_empty_fields_fall_back_to_the_environment(overlay_window_model, tmp_path, monkeypatch):
+    for key, value in overlay_window_model.env().items():
         monkeypatch.setenv(key, value)
-    summary = node(overlay_model, tmp_path, model_dir="", domain="", redis_url="", control_dir="", limit=1).get_summary().data
+    summary = node(overlay_window_model, tmp_path, model_dir="", domain="", redis_url="", control_dir="", limit=1).get_summary().data
     assert set(summary["models"]) == {"model"}
 
 
@@ -81,19 +81,19 @@ def test_empty_fields_fall_back_to_the_environment(overlay_model, tmp_path, monk
     ({"prefix_steps": "one"}, "prefix_steps must be comma-separated integers"),
     ({"heldout": 9}, "need 1 ≤ heldout ≤ variants ≤ 50"),
 ])
-def test_bad_input_gives_one_readable_line(overlay_model, tmp_path, change, message):
+def test_bad_input_gives_one_readable_line(overlay_window_model, tmp_path, change, message):
     with pytest.raises(NodeError) as info:
-        node(overlay_model, tmp_path, **change).get_summary()
+        node(overlay_window_model, tmp_path, **change).get_summary()
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_empty_library_and_bad_slots(overlay_model, tmp_path):
+def test_empty_library_and_bad_slots(overlay_window_model, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("tracks: []\n")
     with pytest.raises(NodeError, match="has no tracks"):
-        node(overlay_model, tmp_path, library=str(empty)).get_summary()
+        node(overlay_window_model, tmp_path, library=str(empty)).get_summary()
     bad = tmp_path / "bad.yaml"
     bad.write_text("tracks:\n  - id: t\n    question: '{name} has {n1}'\n    solution: ['<<{n1}+{n2}=x>>']\n"
                    "    slots: {name: [Tom], n1: [2]}\n")
     with pytest.raises(NodeError, match=r"uses slot \{n2\} but the library gives no value"):
-        node(overlay_model, tmp_path, library=str(bad)).get_summary()
+        node(overlay_window_model, tmp_path, library=str(bad)).get_summary()

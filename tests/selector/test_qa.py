@@ -130,9 +130,9 @@ def test_peer_trains_and_decodes_with_the_same_loop(trained):
 
 
 def test_per_token_state_does_not_grow_with_the_chain(trained):
-    """The memory a chain holds (question keys/values, the ring, the result slots, copy values) is the same size
-    after 200 and after 800 chain tokens, once the result slots are full: per-token work is bounded by the
-    question, never by the chain."""
+    """The memory a chain holds (question keys/values, the ring, the result slots) is the same size after 200 and
+    after 800 chain tokens, and its copy values are bounded by the question's numbers and the result slots:
+    per-token work is bounded by the question, never by the chain."""
     table, folder, _, _ = trained
     model, tok = load_selector(folder / "qa")
     dec = OverlayDecoder(table, model, tok, DecodeConfig(max_tokens=10_000, max_step_repeats=10**6))
@@ -147,3 +147,36 @@ def test_per_token_state_does_not_grow_with_the_chain(trained):
     mem = state.kv[1]
     assert mem.consumed > 800 and sizes[200] == sizes[800]
     assert mem.ring_keys.shape[2] == model.config.attn_span and mem.pin_keys.shape[2] == model.config.result_tokens
+
+
+def test_a_domain_adapter_is_folded_into_the_decode_scorer(trained, overlay_redis):
+    """A LoRA adapter trained on the base decodes through the fast scorer with its update folded in (same scores as
+    the peft model's forward), and load_decoder picks it by domain while the base stays shared."""
+    from overlay.decode import adapter_for, load_decoder
+    from overlay.train import load_adapters
+
+    table, folder, _, _ = trained
+    train(TrainConfig(data=str(folder / "ds"), out=str(folder / "qa"), lora=True, domain="qa-test", steps=5,
+                      chains_per_batch=8, eval_every=0, save_every=0, threads=2), progress=False)
+    assert adapter_for(folder / "qa", "qa-test") == "qa-test" and adapter_for(folder / "qa", "other") == ""
+    peft = load_adapters(folder / "qa", ["qa-test"])
+    _, tok = load_selector(folder / "qa")
+    numbers = NumberSpans(token_texts(tok))
+    chain = synthetic(1, 5)[0]
+    ids = encode(tok, chain.to_text())
+    plen = prompt_length(ids)
+    positions = list(range(plen, len(ids)))
+    cands = [[ids[p], 5, 6, 7] for p in positions]
+    ex = make_example(ids, plen, positions, cands, [0] * len(positions), numbers, peft.config, len(ids) + 1)
+    with torch.no_grad():
+        ref = peft(**collate([ex])).logits.numpy()
+        base = load_selector(folder / "qa")[0](**collate([ex])).logits.numpy()
+    scorer = QAScorer(peft, numbers, "qa-test")
+    mem = scorer.start(ex.question)
+    scorer.feed(mem, ex.stream[:ex.at[-1] + 1])
+    logits, _ = scorer.scores(mem, ex.candidates[-1])
+    assert np.abs(logits - ref[-1, :4]).max() < 1e-4 and np.abs(ref - base).max() > 1e-6
+    url = f"unix://{overlay_redis.socket_file}"
+    dec = load_decoder("qa-test", str(folder / "qa"), url)
+    assert dec.adapter == "qa-test"
+    assert dec.generate("Lee buys 5 boxes of 33 pens. How many pens does Lee have?").tokens > 0
