@@ -41,7 +41,7 @@ MAX_CONTEXT_CHARS = 20_000
 MAX_DECODERS = 8
 SERVE_PROTOCOL = "lfx.serve"
 MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>$&~])")
-VERDICT_MARKS = {"pass": "✅ pass", "fail": "❌ fail", "unverifiable": "❔ unverifiable"}
+VERDICT_MARKS = {"pass": "✓ pass", "fail": "✗ fail", "unverifiable": "? unverifiable"}
 
 _cache_lock = threading.Lock()
 _load_locks: dict[str, threading.Lock] = {}
@@ -492,7 +492,7 @@ def step_line(tag: str, text: str, previous: str, verdict: Mapping[str, str] | N
     """One chain step as a Markdown list item: its tag in bold, shown literally; tool results and verdicts marked."""
     body = md_escape(text)
     if tag == "RESULT" and previous == "ACTION" and text.startswith("error:"):
-        body = f"⚠️ tool error: {md_escape(text.removeprefix('error:').strip())}"
+        body = f"⚠ tool error: {md_escape(text.removeprefix('error:').strip())}"
     elif tag == "RESULT" and previous == "ACTION":
         body = f"**{body}** (tool result)"
     elif tag == "CHECK" and verdict is not None:
@@ -515,7 +515,7 @@ def chat_text(result: Any) -> str:
         previous = tag
     lines += ["", f"stop: {md_escape(result.stop_reason)} after {result.tokens} tokens"]
     if result.errors:
-        lines.append("⚠️ " + md_escape("; ".join(result.errors)))
+        lines += ["", "⚠ " + md_escape("; ".join(result.errors))]
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ class ITLMSelectorComponent(Component):
     """Score GetNeighbours' candidates after a context, and hand the selector to the Chain Decoder."""
 
     display_name = "IT-LM Selector"
-    description = "A small selector model reads the last k tokens and chooses among the table's candidates."
+    description = "A small selector model reads the question and recent tokens and picks among the table's candidates."
     icon = "list-checks"
     name = "OverlaySelector"
 

@@ -96,14 +96,14 @@ def test_tags_products_results_and_verdicts_stay_visible_in_a_markdown_chat():
         "**Answer: 200**", "",
         r"- **\<THOUGHT\>** 100\*2 pens at \$1 each, not \<b\>bold\</b\> nor \_x\_ \~y\~",
         r"- **\<ACTION\>** CALL calc(100\*2)", r"- **\<RESULT\>** **200** (tool result)",
-        r"- **\<ACTION\>** CALL calc(1/0)", r"- **\<RESULT\>** ⚠️ tool error: division by zero",
-        r"- **\<CHECK\>** calc(100\*2) = 200 → ✅ pass (both sides equal: 200 vs 200)",
-        r"- **\<CHECK\>** 2\*2 = 5 → ❌ fail (sides differ: 4 vs 5)", r"- **\<ANSWER\>** 200", "",
-        "stop: answer after 40 tokens", "⚠️ step 4 (ACTION): division by zero",
+        r"- **\<ACTION\>** CALL calc(1/0)", r"- **\<RESULT\>** ⚠ tool error: division by zero",
+        r"- **\<CHECK\>** calc(100\*2) = 200 → ✓ pass (both sides equal: 200 vs 200)",
+        r"- **\<CHECK\>** 2\*2 = 5 → ✗ fail (sides differ: 4 vs 5)", r"- **\<ANSWER\>** 200", "",
+        "stop: answer after 40 tokens", "", "⚠ step 4 (ACTION): division by zero",
     ]
     shown = Rendered(chat)
     for visible in ("<THOUGHT>", "<ACTION>", "<RESULT>", "<CHECK>", "<ANSWER>", "CALL calc(100*2)", "100*2 pens at $1",
-                    "<b>bold</b> nor _x_ ~y~", "200 (tool result)", "✅ pass", "❌ fail"):
+                    "<b>bold</b> nor _x_ ~y~", "200 (tool result)", "✓ pass", "✗ fail"):
         assert visible in shown.text
     assert shown.tags == {"p", "strong", "ul", "li"}
 
@@ -171,7 +171,8 @@ def test_the_accumulators_token_limit_stops_the_chain(wired):
 
 def test_unwired_accumulator_and_router_use_the_defaults(wired):
     del wired["accumulator"], wired["router"]
-    assert OverlayDecoderComponent(question="How many clips?", **wired).get_raw_chain().text.startswith("<Q> How many clips?")
+    raw = OverlayDecoderComponent(question="How many clips?", **wired).get_raw_chain().text
+    assert raw.startswith("<Q> How many clips?")
 
 
 def test_a_chain_id_keeps_the_chain_in_redis_and_continues_it(overlay_model, wired):
