@@ -84,7 +84,11 @@ def test_quickstart_end_to_end_then_reuse_and_generate(home):
     for method in ("overlay", "table_only"):
         assert sum(gen[method]["stop_reasons"].values()) == gen["questions"] == 20
     assert gen["overlay"]["mean_tokens"] != gen["table_only"]["mean_tokens"]
-    assert len(json.loads((folder / "examples.json").read_text())) == 3
+    assert gen["overlay"]["distinct_continuations"] > gen["table_only"]["distinct_continuations"]
+    assert results["variants"]["questions"] > 0 and "overlay" in results["variants"]
+    examples = json.loads((folder / "examples.json").read_text())
+    assert 1 <= len(examples) <= 3 and examples[-1]["label"].startswith("test question (never trained)")
+    assert all(ex["well_formed"] for ex in examples[:-1])
     again = run("quickstart", "--steps", "60")
     assert "reusing table" in again.output and "reusing selector" in again.output
     trace = home / "trace.json"
