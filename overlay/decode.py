@@ -104,12 +104,18 @@ class DecodeState:
     acc: ScoreAccumulator = field(default_factory=ScoreAccumulator)
     elapsed: float = 0.0
     kv: Any = field(default=None, repr=False, compare=False)  # the selector's per-chain memory; not saved
+    question_len: int = -1  # ids of the question (the selector's memory); -1: the prompt's length
     saved: tuple[int, int] = field(default=(0, 0), repr=False, compare=False)  # ids, trace steps already saved
+
+    @property
+    def memory(self) -> int:
+        """How many leading ids are the question (encoded once, kept in the selector's memory)."""
+        return self.prompt_len if self.question_len < 0 else self.question_len
 
     def summary(self) -> dict[str, Any]:
         """The fixed-size part of a saved chain (ids and trace are appended separately)."""
         acc = self.acc
-        return {"question": self.question, "prompt_len": self.prompt_len, "elapsed": self.elapsed,
+        return {"question": self.question, "prompt_len": self.prompt_len, "question_len": self.memory, "elapsed": self.elapsed,
                 "log_score": acc.log_score, "scored_tokens": acc.scored_tokens, "tag_counts": acc.tag_counts,
                 "stop_reason": acc.stop_reason}
 
@@ -198,7 +204,8 @@ class OverlayDecoder:
             raise ValueError(f"a chain prefix starts with {Q}, got {prefix.strip()[:30]!r}")
         ids = encode(self.tokenizer, prefix)
         first = next((i for i, t in enumerate(ids) if t in STEP_TAG_IDS), len(ids))
-        state = DecodeState(question or prefix.split(Q, 1)[1].split("<")[0].strip(), ids, first, Router(sep=""))
+        state = DecodeState(question or prefix.split(Q, 1)[1].split("<")[0].strip(), ids, len(ids), Router(sep=""),
+                            question_len=first)
         for t in ids[first:]:
             state.router.feed(self.texts[t], is_tag=t in TAG_IDS)
         return state
@@ -284,9 +291,9 @@ class OverlayDecoder:
             out = []
             for state, nb in zip(states, neighbours):
                 if state.kv is None or state.kv[0] is not qa:
-                    state.kv = (qa, qa.start(state.ids[:state.prompt_len]))
+                    state.kv = (qa, qa.start(state.ids[:state.memory]))
                 mem = state.kv[1]
-                qa.feed(mem, [BOS_ID, *state.ids[state.prompt_len:]])
+                qa.feed(mem, [BOS_ID, *state.ids[state.memory:]])
                 logits, copies = qa.scores(mem, nb.ids)
                 row = torch.from_numpy(np.concatenate([logits, np.asarray([c[1] for c in copies], np.float32)]))
                 out.append((self._mix(torch.log_softmax(row, -1), nb), [(c[0], c[2]) for c in copies]))
@@ -432,13 +439,13 @@ class OverlayDecoder:
         """Rebuild a chain from its saved state, ids and trace; the router replays the steps from the ids."""
         summary, ids, trace = saved
         state = DecodeState(summary["question"], ids, int(summary["prompt_len"]), Router(sep=""),
-                            elapsed=float(summary.get("elapsed", 0.0)))
+                            elapsed=float(summary.get("elapsed", 0.0)), question_len=int(summary.get("question_len", -1)))
         acc = state.acc
         acc.log_score, acc.scored_tokens = float(summary["log_score"]), int(summary["scored_tokens"])
         acc.tag_counts, acc.stop_reason = dict(summary["tag_counts"]), summary["stop_reason"]
         acc.steps = [TraceStep(**s) for s in trace]
         first = next((i for i, t in enumerate(ids) if t in STEP_TAG_IDS), len(ids))
-        for t in ids[max(first, state.prompt_len):]:
+        for t in ids[first:]:
             state.router.feed(self.texts[t], is_tag=t in TAG_IDS)
         if acc.stop_reason not in (None, "max_tokens", "low_score"):
             state.router.finish()

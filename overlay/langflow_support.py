@@ -240,12 +240,13 @@ def quiet_progress() -> None:
 
 
 def fingerprint(folder: Path) -> tuple:
-    """(name, size, mtime) of the files a load reads (config, weights, tokenizer): changes when it is retrained."""
+    """(name, size, mtime) of the files a load reads (config, weights, tokenizer, domain adapters): changes when the
+    model or an adapter is retrained."""
     from overlay.selector import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_INDEX
 
     files = [folder / CONFIG_FILE, folder / TOKENIZER_FILE, folder / WEIGHTS_INDEX,
-             *sorted(folder.glob("*.safetensors"))]
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
+             *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("adapters/*/*"))]
+    return tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
 
 
 def shared_selector(folder: str, on_load: Callable[[str], None] | None = None) -> tuple[LoadedSelector, bool]:
@@ -267,6 +268,11 @@ def shared_selector(folder: str, on_load: Callable[[str], None] | None = None) -
         quiet_progress()
         start = time.perf_counter()
         model, tok = load_selector(path)
+        adapters = sorted(p.parent.name for p in path.glob("adapters/*/adapter_config.json"))
+        if adapters:  # every domain adapter on the one base, none merged: decoders fold in their domain's
+            from overlay.train import load_adapters
+
+            model = load_adapters(path, adapters)
         _selectors[key] = LoadedSelector(model, tok, stamp, time.perf_counter() - start)
         return _selectors[key], True
 
@@ -559,9 +565,10 @@ def decode_settings(table: Any, selector: Any, accumulator: Any, router: Any,
 
 def node_decoder(domain: str, model_dir: str, redis_url: str | None,
                  config: Mapping[str, Any]) -> tuple[Any, threading.Lock]:
-    """A decoder over the domain's active table and the shared selector (kept per settings, table version and model
-    files), with the lock its domain and model share: decoders of other domains or models run in parallel."""
-    from overlay.decode import DecodeConfig, OverlayDecoder
+    """A decoder over the domain's active table and the shared selector with the domain's LoRA adapter when the
+    folder has one (kept per settings, table version and model files), with the lock its domain and model share:
+    decoders of other domains or models run in parallel, and switching domains reloads nothing."""
+    from overlay.decode import DecodeConfig, OverlayDecoder, adapter_for
     from overlay.tokenizer import check_tokenizers
 
     loaded, _ = shared_selector(model_dir)
@@ -577,7 +584,8 @@ def node_decoder(domain: str, model_dir: str, redis_url: str | None,
         table = tbl.SemanticTable(client, domain, version)
         check_tokenizers({f"table {domain!r} v{table.version}": table.meta.get("tokenizer_hash"),
                           f"model {model_dir}": loaded.tokenizer})
-        decoder = OverlayDecoder(table, loaded.model, loaded.tokenizer, DecodeConfig(**config), SessionStore(client))
+        decoder = OverlayDecoder(table, loaded.model, loaded.tokenizer, DecodeConfig(**config), SessionStore(client),
+                                 adapter_for(model_dir, domain))
         with _cache_lock:
             _decoders[key] = decoder
             while len(_decoders) > MAX_DECODERS:

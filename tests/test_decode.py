@@ -167,12 +167,13 @@ def test_state_from_prefix_continues_a_chain_text(parts):
     dec = decoder(parts)
     state = dec.state_from_prefix(f"<Q> {QUESTIONS[0]} <ACTION> CALL calc(48/2")
     assert state.question == QUESTIONS[0] and state.router.current_tag == "ACTION"
-    assert state.ids[state.prompt_len] == SPECIAL_TOKENS.index("<ACTION>") and not state.acc.steps
+    assert state.prompt_len == len(state.ids) and state.ids[state.memory] == SPECIAL_TOKENS.index("<ACTION>")
+    assert not state.acc.steps
     dec.force(state, encode(parts[2], ") <RESULT>"))
     assert state.router.tool_calls[-1].ok and state.router.tool_calls[-1].output == "24"
     assert all(step.injected for step in state.acc.steps)
     dec.step([state])
-    assert len(state.acc.steps) > 0
+    assert dec.result(state).tokens == len(state.acc.steps) > 0
     with pytest.raises(ValueError, match="starts with <Q>"):
         dec.state_from_prefix("<THOUGHT> no question")
 

@@ -143,10 +143,12 @@ def test_per_token_state_does_not_grow_with_the_chain(trained):
         while len(state.ids) - state.prompt_len < target:
             dec.force(state, step)
         dec.step([state])
-        sizes[target] = state.kv[1].nbytes()
-    mem = state.kv[1]
+        mem = state.kv[1]
+        sizes[target] = (mem.keys.shape, mem.values.shape, mem.bias.shape, mem.pin_pos.shape)
+        assert len(mem.occurrences) <= 2 + model.config.result_tokens  # the question's numbers + results in memory
     assert mem.consumed > 800 and sizes[200] == sizes[800]
-    assert mem.ring_keys.shape[2] == model.config.attn_span and mem.pin_keys.shape[2] == model.config.result_tokens
+    cfg = model.config
+    assert mem.keys.shape[2] == mem.n_question + cfg.attn_span + cfg.result_tokens
 
 
 def test_a_domain_adapter_is_folded_into_the_decode_scorer(trained, overlay_redis):
