@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import time
@@ -25,11 +26,18 @@ START, END = "<!-- reasoning:start -->", "<!-- reasoning:end -->"
 PARTS = {"generation": "", "variants": " — held-out variants"}
 
 
+def machine() -> str:
+    """CPU model, core count and Python version of this machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")), "") if cpuinfo.exists() else ""
+    return f"{model or platform.machine()}, {os.cpu_count()} cores, CPU only, Python {platform.python_version()}"
+
+
 def save(report: Path, name: str, command: str) -> Path:
     """Keep the decoded-chain measures of an eval report (no examples) with how they were made."""
     data = json.loads(report.read_text())
-    out = {"name": name, "command": command, "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"}
+    out = {"name": name, "command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     for part in PARTS:
         if part in data:
             out[part] = {k: ({m: v for m, v in val.items() if m != "examples"} if isinstance(val, dict) else val)
