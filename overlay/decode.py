@@ -293,7 +293,10 @@ class OverlayDecoder:
                 if state.kv is None or state.kv[0] is not qa:
                     state.kv = (qa, qa.start(state.ids[:state.memory]))
                 mem = state.kv[1]
-                qa.feed(mem, [BOS_ID, *state.ids[state.memory:]])
+                if mem.consumed == 0:  # the chain stream starts with BOS, then the ids after the question
+                    qa.push(mem, BOS_ID)
+                for token in state.ids[state.memory + mem.consumed - 1:]:  # only what the memory has not read
+                    qa.push(mem, token)
                 logits, copies = qa.scores(mem, nb.ids)
                 row = torch.from_numpy(np.concatenate([logits, np.asarray([c[1] for c in copies], np.float32)]))
                 out.append((self._mix(torch.log_softmax(row, -1), nb), [(c[0], c[2]) for c in copies]))

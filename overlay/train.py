@@ -219,22 +219,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return _epoch_order(n, seed, epoch)[j * batch_size:(j + 1) * batch_size]
 
 
-def evaluate(model: torch.nn.Module, rows: Rows, device: torch.device, autocast: Callable,
-             chunk: int = 4096) -> tuple[float, float]:
-    """Mean candidate cross-entropy and accuracy@1 over rows (candidate loss only, comparable across runs)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    with torch.inference_mode(), autocast():
-        for start in range(0, len(rows), chunk):
-            window, cands, label = rows.take(torch.arange(start, min(start + chunk, len(rows))), device)
-            logits = model(window, cands).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, label, reduction="sum").item()
-            correct += int((logits.argmax(-1) == label).sum())
-    model.train(was_training)
-    return loss_sum / len(rows), correct / len(rows)
-
-
 def _write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temp file then os.replace)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
