@@ -16,11 +16,12 @@ from typing import Any
 
 from overlay import store
 from overlay import table as tbl
-from overlay.chains import ConversionReport, load_chains
+from overlay.chains import Chain, ConversionReport, load_chains
 from overlay.decode import DecodeConfig
 from overlay.generation import generation_markdown, heldout_variants, verification_success
 from overlay.tokenizer import (TokenizerMismatch, check_tokenizers, encode, load_tokenizer, tokenizer_hash,
                                train_tokenizer)
+from overlay.variants import HELDOUT_VARIANTS, generate_variants, library_from_gsm8k
 
 EXAMPLE_VARIANTS = 2
 
@@ -37,6 +38,7 @@ class QuickstartConfig:
     eval_chains: int = 100
     generate: int = 20
     variant_tracks: int = 10
+    variants: bool = True
     max_tokens: int = 200
     threads: int = 2
 
@@ -81,6 +83,16 @@ def _matches(manifest_file: Path, table: tbl.SemanticTable) -> bool:
     return manifest.get("table") == {"domain": table.domain, "version": table.version}
 
 
+def training_chains(train_file: Path, variants: bool) -> list[Chain]:
+    """The sample's chains and, with ``variants``, each one's training variants (stellator data) from the split whose
+    held-out variants the quickstart decodes, so those stay never trained."""
+    chains = load_chains(train_file, "gsm8k").chains
+    if not variants:
+        return chains
+    vset = generate_variants(library_from_gsm8k(train_file, None), HELDOUT_VARIANTS)
+    return chains + [v.chain for v in vset.train if v.index]
+
+
 def ensure_model(table: tbl.SemanticTable, train_file: Path, home: Path, cfg: QuickstartConfig, fresh: bool, log) -> Path:
     """Build the token-level dataset and train the selector unless a matching one exists."""
     from overlay.dataset import DatasetConfig, build_dataset
@@ -89,7 +101,8 @@ def ensure_model(table: tbl.SemanticTable, train_file: Path, home: Path, cfg: Qu
     data = home / "datasets" / table.domain
     model = home / "models" / table.domain
     if fresh or not _matches(data / "manifest.json", table):
-        manifest = build_dataset(table, table.tokenizer(), load_chains(train_file, "gsm8k").chains, data, DatasetConfig())
+        chains = training_chains(train_file, cfg.variants)
+        manifest = build_dataset(table, table.tokenizer(), chains, data, DatasetConfig())
         log(f"dataset {data}: {manifest.rows} rows, table recall in rows {manifest.present_rate:.3f}")
         shutil.rmtree(model, ignore_errors=True)
     if not (model / "train_result.json").exists() or not _matches(data / "manifest.json", table):
