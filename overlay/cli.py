@@ -308,15 +308,22 @@ def _train(**kwargs: Any) -> None:
 def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
           generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
           variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256,
-          adapter: Optional[str] = None) -> None:
+          adapter: Optional[str] = None, samples: int = 1) -> None:
     """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
-    the overlay, the full-context peer and the table alone."""
+    the overlay, the full-context peer and the table alone, and vote over ``samples`` overlay chains per question."""
     from overlay.evaluate import evaluate, write_report
     from overlay.generation import generation_markdown, heldout_variants, verification_success
     from overlay.selector import load_selector
+    from overlay.vote import check_samples
 
     from overlay.decode import adapter_for
 
+    try:
+        check_samples(samples)
+    except ValueError as exc:
+        fail(f"--{exc}")
+    if samples > 1 and not (generate or variants):
+        fail("--samples votes over decoded chains: give --generate N or --variants N too")
     adapter = adapter_for(model, domain) if adapter is None else ("" if adapter == "none" else adapter)
     try:
         selector, tok = load_selector(model)
@@ -339,12 +346,13 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
     markdown = ""
     if generate:
         results["generation"] = verification_success(table, selector, tok, report.chains[:generate], config,
-                                                     peer=peer_model, progress=True, keep=5, adapter=adapter)
+                                                     peer=peer_model, progress=True, keep=5, adapter=adapter,
+                                                     samples=samples)
         markdown += generation_markdown(results["generation"], f"Chains decoded end to end, {data.name}")
     if variants:
         chains = heldout_variants(str(variants_data or data), variants)
         results["variants"] = verification_success(table, selector, tok, chains, config, peer=peer_model,
-                                                   progress=True, keep=5, adapter=adapter)
+                                                   progress=True, keep=5, adapter=adapter, samples=samples)
         markdown += generation_markdown(results["variants"], f"Held-out variants of the first {variants} records")
     paths = write_report(results, out)
     if markdown:
@@ -380,6 +388,8 @@ def eval_command(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Token limit per decoded chain."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter of the model folder to use "
                                           "(default: the domain's, when the folder has one; 'none': the base alone)."),
+    samples: int = typer.Option(1, "--samples", help="Also vote over N overlay chains per decoded question (chain 0 "
+                                "greedy, the others sampled) and report the vote beside greedy; 1: no vote."),
     question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
     steps_field: str = FIELD_OPTS["steps_field"][1],
     answer_field: str = FIELD_OPTS["answer_field"][1],
@@ -389,7 +399,7 @@ def eval_command(
     """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
     _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url,
           field_map(question_field, steps_field, answer_field, equation_field), peer, variants, variants_data, max_tokens,
-          adapter)
+          adapter, samples)
 
 
 TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",
@@ -433,13 +443,22 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     session: Optional[str] = typer.Option(None, "--session", help="Session id: continue this chain in a later call."),
+    samples: int = typer.Option(1, "--samples", help="Decode N chains (chain 0 as set, the others sampled with seeds "
+                                "from --seed) and answer by majority among those whose checks all pass."),
     redis_url: Optional[str] = REDIS_OPT,
 ) -> None:
     """Answer a question with the overlay: table candidates, selector choices, tool calls and checks."""
     import json
 
     from overlay.decode import load_decoder
+    from overlay.vote import check_samples, decode_voted
 
+    try:
+        check_samples(samples)
+    except ValueError as exc:
+        fail(f"--{exc}")
+    if samples > 1 and session:
+        fail("--session continues one chain: it cannot be combined with --samples above 1")
     folder = model_dir_for(domain, model)
     start = time.perf_counter()
     client_or_fail(redis_url)
@@ -447,13 +466,21 @@ def generate(
         decoder = load_decoder(domain, str(folder), redis_url, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, seed=seed)
         loaded = time.perf_counter() - start  # load_decoder also warms the decoder up
-        result = decoder.generate(question, session_id=session)
+        if samples > 1:
+            result, vote = decode_voted(decoder, question, samples)
+        else:
+            result, vote = decoder.generate(question, session_id=session), None
     except (ValueError, FileNotFoundError, LookupError, store.StoreUnavailable) as exc:
         fail(str(exc))
     console.print(f"loaded in {loaded:.2f} s (selector, table, warm-up)")
+    if vote is not None:
+        console.print(escape(vote.summary()))
+        for i in range(vote.samples):
+            console.print("  " + escape(vote.chain_line(i)))
+        console.rule(f"chosen: chain {vote.chosen}")
     print_chain(result)
     if trace:
-        trace.write_text(json.dumps(result.to_dict(), indent=1))
+        trace.write_text(json.dumps(result.to_dict() | ({"vote": vote.to_dict()} if vote else {}), indent=1))
         console.print(f"trace: {trace}")
 
 

@@ -106,6 +106,7 @@ class DecodeState:
     kv: Any = field(default=None, repr=False, compare=False)  # the selector's per-chain memory; not saved
     question_len: int = -1  # ids of the question (the selector's memory); -1: the prompt's length
     saved: tuple[int, int] = field(default=(0, 0), repr=False, compare=False)  # ids, trace steps already saved
+    sampling: tuple[float, float, int] | None = None  # this chain's (temperature, top_p, seed); None: the config's
 
     @property
     def memory(self) -> int:
@@ -358,8 +359,8 @@ class OverlayDecoder:
             allowed = self._allowed(state, nb.ids, len(copies))
             penalty = self._penalty(state, nb.ids, len(logp))
             adjusted = logp - penalty if penalty is not None else logp
-            choice = choose_index(adjusted, self.config.temperature, self.config.top_p, self.config.seed,
-                                  len(state.ids), allowed)
+            temperature, top_p, seed = state.sampling or (self.config.temperature, self.config.top_p, self.config.seed)
+            choice = choose_index(adjusted, temperature, top_p, seed, len(state.ids), allowed)
             margin = choice_margin(adjusted, allowed, choice)
             score = float(logp[choice])
             if choice < n_table:
@@ -498,7 +499,10 @@ class OverlayDecoder:
 
     def generate_batch(self, questions: list[str]) -> list[DecodeResult]:
         """Decode many questions at once: one pipelined lookup and one batched forward per token position."""
-        states = [self.new_state(q) for q in questions]
+        return self.run_batch([self.new_state(q) for q in questions])
+
+    def run_batch(self, states: list[DecodeState]) -> list[DecodeResult]:
+        """Decode chains to their end together (each with its own sampling, when set), sharing the elapsed time."""
         start = time.perf_counter()
         active = list(states)
         while active:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from overlay.chains import Chain, answers_match
 from overlay.decode import DecodeConfig, DecodeResult, OverlayDecoder
+from overlay.vote import VoteResult, check_samples, decode_voted, same_answer, sample_settings
 
 MEASURES = ("exact_match", "well_formed", "actions_executed", "checks_passed", "distinct_continuations",
             "mean_tokens", "ms_per_token")
@@ -57,10 +58,41 @@ def decode_all(decoder: OverlayDecoder, questions: Sequence[str], chunk: int = 3
     return out
 
 
+def vote_all(decoder: OverlayDecoder, questions: Sequence[str], greedy: Sequence[DecodeResult], samples: int,
+             progress: bool = True) -> list[VoteResult]:
+    """Vote over ``samples`` chains per question, the greedy chain already decoded being chain 0."""
+    bar = tqdm(total=len(questions), desc="vote", unit="q", disable=not progress or None)
+    votes = []
+    for question, first in zip(questions, greedy):
+        votes.append(decode_voted(decoder, question, samples, first=first)[1])
+        bar.update(1)
+    bar.close()
+    return votes
+
+
+def vote_measures(votes: Sequence[VoteResult], greedy: Sequence[DecodeResult],
+                  answers: Sequence[str]) -> dict[str, Any]:
+    """The vote beside greedy decoding: exact-match of each, how often the vote changed the greedy answer, how many
+    sampled chains passed their checks, how many questions had one that did, and the rule used per question."""
+    n = max(1, len(votes))
+    return {
+        "samples": votes[0].samples if votes else 0,
+        "exact_match": sum(answers_match(v.answer, a) for v, a in zip(votes, answers)) / n,
+        "greedy_exact_match": sum(answers_match(g.answer, a) for g, a in zip(greedy, answers)) / n,
+        "changed": sum(not same_answer(v.answer, g.answer) for v, g in zip(votes, greedy)) / n,
+        "chains_passed": sum(v.passed for v in votes) / max(1, sum(v.samples for v in votes)),
+        "questions_passed": sum(v.rule == "checks" for v in votes) / n,
+        "rules": dict(Counter(v.rule for v in votes)),
+    }
+
+
 def verification_success(table, model, tokenizer, chains: Sequence[Chain], config: DecodeConfig | None = None,
-                         peer=None, progress: bool = False, keep: int = 0, adapter: str = "") -> dict[str, Any]:
+                         peer=None, progress: bool = False, keep: int = 0, adapter: str = "",
+                         samples: int = 1) -> dict[str, Any]:
     """Decode the chains' questions with the overlay (with ``adapter`` when given), the peer (when given) and the
-    table alone; report the measures of each, measured in the same run, and the first ``keep`` results of each."""
+    table alone; report the measures of each, measured in the same run, and the first ``keep`` results of each.
+    With ``samples`` > 1, also vote over that many overlay chains per question (``vote``, beside greedy)."""
+    check_samples(samples)
     out: dict[str, Any] = {"questions": len(chains), "adapter": adapter or None}
     methods = {"overlay": model, "peer": peer, "table_only": None}
     for name, m in methods.items():
@@ -72,6 +104,15 @@ def verification_success(table, model, tokenizer, chains: Sequence[Chain], confi
         out[name] = measures(results, [c.answer for c in chains]) | {"seconds": time.perf_counter() - start}
         if keep:
             out[name]["examples"] = [r.to_dict() | {"expected": c.answer} for r, c in zip(results[:keep], chains)]
+        if name == "overlay" and samples > 1:
+            start = time.perf_counter()
+            votes = vote_all(decoder, [c.question for c in chains], results, samples, progress)
+            temperature, top_p, _ = sample_settings(decoder.config, samples)[1]
+            out["vote"] = vote_measures(votes, results, [c.answer for c in chains]) | {
+                "temperature": temperature, "top_p": top_p, "seconds": time.perf_counter() - start}
+            if keep:
+                out["vote"]["examples"] = [v.to_dict() | {"chain": v.chain.text, "expected": c.answer}
+                                           for v, c in zip(votes[:keep], chains)]
     return out
 
 
@@ -85,7 +126,20 @@ def generation_markdown(gen: dict[str, Any], title: str = "Chains decoded end to
         lines.append(f"| {measure} | " + " | ".join(fmt.format(gen[m][measure]) for m in methods) + " |")
     lines.append("| stop reasons | " + " | ".join(
         ", ".join(f"{k} {v}" for k, v in sorted(gen[m]["stop_reasons"].items())) for m in methods) + " |")
+    if "vote" in gen:
+        lines += vote_markdown(gen["vote"])
     return "\n".join(lines) + "\n"
+
+
+def vote_markdown(vote: dict[str, Any]) -> list[str]:
+    """The vote's measures beside greedy decoding, as Markdown lines."""
+    rows = {"exact_match, greedy": vote["greedy_exact_match"], "exact_match, vote": vote["exact_match"],
+            "vote changed the greedy answer": vote["changed"], "chains passing their checks": vote["chains_passed"],
+            "questions with a passing chain": vote["questions_passed"]}
+    rules = ", ".join(f"{k} {v}" for k, v in sorted(vote["rules"].items()))
+    return [f"\n### Answer voting ({vote['samples']} overlay chains per question: chain 0 as decoded above, the others "
+            f"at temperature {vote['temperature']:g}, top-p {vote['top_p']:g})\n", "| measure | value |", "|---|---|",
+            *(f"| {name} | {value:.3f} |" for name, value in rows.items()), f"| rule used (questions) | {rules} |"]
 
 
 def heldout_variants(train_file: str, tracks: int, seed: int = 0) -> list[Chain]:

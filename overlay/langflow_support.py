@@ -594,21 +594,41 @@ def node_decoder(domain: str, model_dir: str, redis_url: str | None,
         return decoder, _decoder_locks.setdefault((domain, model_key), threading.Lock())
 
 
+def vote_chat(vote: Any) -> str:
+    """A vote as Markdown for a chat window: its summary, one line per chain, then the chosen chain (``chat_text``)."""
+    lines = [f"**{md_escape(vote.summary())}**", ""]
+    lines += [f"- {md_escape(vote.chain_line(i))}" for i in range(vote.samples)]
+    return "\n".join(lines + ["", f"**Chosen chain ({vote.chosen})**", "", chat_text(vote.chain)])
+
+
 def decode_question(question: str | None, table: Any, selector: Any, accumulator: Any, router: Any,
-                    chain_id: str | None, max_question_chars: int = 2000) -> Decoded:
+                    chain_id: str | None, max_question_chars: int = 2000, samples: int = 1) -> Decoded:
     """Run the decoder for one question with the wired nodes' settings; the chain, its trace and a status line.
 
     With a chain id the chain's state is kept in Redis, so a chain cut by the token limit continues on the
-    next call with the same id.
+    next call with the same id. With ``samples`` > 1 it decodes that many chains and answers by vote
+    (``overlay.vote``): the chat shows the vote and the chosen chain, the trace carries the vote.
     """
+    from overlay.vote import check_samples, decode_voted
+
+    check_samples(samples)
+    sid = (chain_id or "").strip() or None
+    if samples > 1 and sid:
+        raise NodeError("a Chain ID continues one chain: clear it or set Samples to 1")
     args = decode_settings(table, selector, accumulator, router, max_question_chars)
     decoder, lock = node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])
     with lock:
-        result = decoder.generate(question or "", (chain_id or "").strip() or None)
-    payload = jsonable(result.to_dict())
+        if samples > 1:
+            result, vote = decode_voted(decoder, question or "", samples)
+        else:
+            result, vote = decoder.generate(question or "", sid), None
+    payload = jsonable(result.to_dict() | ({"vote": vote.to_dict()} if vote else {}))
     status = (f"{result.tokens} tokens in {result.seconds:.2f} s, stop: {result.stop_reason}, "
               f"answer: {result.answer if result.answer is not None else 'none'}")
-    return Decoded(chat_text(result), result.text, json.dumps(payload, separators=(",", ":")), status)
+    if vote is not None:
+        status = f"{vote.summary()}; chosen chain: {status}"
+    chat = vote_chat(vote) if vote is not None else chat_text(result)
+    return Decoded(chat, result.text, json.dumps(payload, separators=(",", ":")), status)
 
 
 def build_table_from_file(client: Any, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,

@@ -54,6 +54,12 @@ def test_table_commands(home):
     (["table", "drop", "nope"], "no table for domain"),
     (["table", "list", "--redis-url", "redis://:pw@127.0.0.1:1"], "cannot reach Redis at 127.0.0.1:1"),
     (["generate", "How many?", "--domain", "nope"], "no complete table"),
+    (["generate", "How many?", "--samples", "0"], "--samples must be between 1 and 64"),
+    (["generate", "How many?", "--samples", "2", "--session", "s1"], "--session continues one chain"),
+    (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--samples", "65"],
+     "--samples must be between 1 and 64"),
+    (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--samples", "2"],
+     "give --generate N or --variants N too"),
 ])
 def test_bad_input_is_a_clear_error(home, args, message):
     result = run(*args)
@@ -175,6 +181,35 @@ def test_generate_prints_load_time_apart_from_decode_time(overlay_model, tmp_pat
     assert re.search(r"^loaded in \d+\.\d\d s \(selector, table, warm-up\)$", result.stdout, re.M)
     decoded = json.loads(trace.read_text())
     assert f"decode: {decoded['seconds'] * 1000 / decoded['tokens']:.2f} ms/token" in result.stdout
+
+
+def test_generate_with_samples_prints_the_vote_and_the_chosen_chain(overlay_model, tmp_path):
+    trace = tmp_path / "trace.json"
+    result = run("generate", "Tom has 3 apples and buys 4 more. How many apples does he have?", "--domain",
+                 overlay_model.domain, "--model", overlay_model.model_dir, "--redis-url", overlay_model.redis_url,
+                 "--max-tokens", "30", "--samples", "3", "--trace", str(trace))
+    assert result.exit_code == 0, result.output
+    decoded = json.loads(trace.read_text())
+    vote = decoded["vote"]
+    assert vote["samples"] == 3 and vote["answer"] == decoded["answer"] and len(vote["sampling"]) == 3
+    assert re.search(r"^vote over 3 chains: .*; chosen: chain \d$", result.stdout, re.M)
+    assert "  chain 0 (greedy): " in result.stdout
+    for temperature, top_p, seed in vote["sampling"][1:]:
+        assert f"(temperature {temperature:g}, top-p {top_p:g}, seed {seed})" in result.stdout
+    assert f"chosen: chain {vote['chosen']}" in result.stdout
+    assert f"tokens: {decoded['tokens']} " in result.stdout.split(f"chosen: chain {vote['chosen']}")[-1]
+
+
+def test_eval_with_samples_reports_the_vote_beside_greedy(overlay_model, tmp_path):
+    out = tmp_path / "report"
+    result = run("eval", "--model", overlay_model.model_dir, "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"),
+                 "--domain", overlay_model.domain, "--redis-url", overlay_model.redis_url, "--k", "16", "--limit", "3",
+                 "--generate", "2", "--max-tokens", "30", "--samples", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    gen = json.loads((out / "eval.json").read_text())["generation"]
+    assert gen["vote"]["samples"] == 2 and gen["vote"]["greedy_exact_match"] == gen["overlay"]["exact_match"]
+    assert "### Answer voting (2 overlay chains per question" in (out / "eval.md").read_text()
+    assert "| exact_match, vote |" in result.stdout and "| vote changed the greedy answer |" in result.stdout
 
 
 @pytest.mark.parametrize("where", ["OVERLAY_HOME", "XDG_DATA_HOME", None])

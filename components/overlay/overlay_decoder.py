@@ -60,6 +60,14 @@ class OverlayDecoderComponent(Component):
             advanced=True,
             info="Longer questions are refused with a message.",
         ),
+        IntInput(
+            name="samples",
+            display_name="Samples",
+            value=1,
+            advanced=True,
+            info="Decode this many chains (the first as the Selector sets, the others sampled) and answer by majority "
+            "among those whose checks all pass; 1: one chain, no vote. At most 64; not with a Chain ID.",
+        ),
     ]
     outputs = [
         Output(display_name="Chain", name="chain", method="get_chain", group_outputs=True),
@@ -78,14 +86,15 @@ class OverlayDecoderComponent(Component):
         if self._decoded is None:
             with readable_errors(self) as outcome:
                 self._decoded = decode_question(self.question, self.table, self.selector, self.accumulator,
-                                                self.router, self.chain_id, self.max_question_chars)
+                                                self.router, self.chain_id, self.max_question_chars, self.samples)
             if outcome.failed:
                 self._decoded = Decoded("", "", "", outcome.message)
         self.status = self._decoded.status
         return self._decoded
 
     def get_chain(self) -> Message:
-        """Return the chain for a chat window: the answer, then one line per step with its tag, results and verdicts."""
+        """Return the chain for a chat window: the answer, then one line per step with its tag, results and verdicts
+        (with Samples above 1, the vote and its chains first)."""
         return Message(text=self.decoded().chat)
 
     def get_trace(self) -> Message:

@@ -13,9 +13,11 @@ from markdown_it import MarkdownIt
 
 from overlay.chains import load_chains
 from overlay.decode import DecodeResult, load_decoder
-from overlay.langflow_support import NodeError, chat_text, decode_settings, make_spec, node_decoder, shared_selector
+from overlay.langflow_support import (NodeError, chat_text, decode_settings, jsonable, make_spec, node_decoder,
+                                      shared_selector, vote_chat)
 from overlay.table import SemanticTable, build_table
 from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
+from overlay.vote import decode_voted
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
@@ -66,6 +68,34 @@ def test_chain_and_trace_match_the_library_decoder(overlay_model, wired):
     assert len(trace["trace"]["steps"]) == expected.tokens
     assert {"verdicts", "tool_calls", "steps", "errors"} <= set(trace)
     assert component.status.startswith(f"{expected.tokens} tokens in")
+
+
+def test_samples_vote_and_the_chat_shows_the_vote_then_the_chosen_chain(overlay_model, wired):
+    component = OverlayDecoderComponent(question=QUESTION, samples=3, **wired)
+    chat, raw = component.get_chain().text, component.get_raw_chain().text
+    trace = json.loads(component.get_trace().text)
+    decoder = load_decoder(overlay_model.domain, overlay_model.model_dir, overlay_model.redis_url, k_candidates=16,
+                           temperature=0.0, top_p=1.0, seed=0, mix=0.0, max_tokens=40, session_ttl_s=3600,
+                           max_step_repeats=3, max_question_chars=2000)
+    chosen, vote = decode_voted(decoder, QUESTION, 3)
+    assert raw == chosen.text == trace["text"] and trace["answer"] == vote.answer
+    assert trace["vote"] == jsonable(vote.to_dict()) and trace["vote"]["samples"] == 3
+    assert chat == vote_chat(vote) and chat.endswith(chat_text(chosen))
+    lines = chat.splitlines()
+    assert lines[0].startswith("**vote over 3 chains: ") and [line[:10] for line in lines[2:5]] == [
+        "- chain 0 ", "- chain 1 ", "- chain 2 "]
+    shown = Rendered(chat)
+    assert vote.summary() in shown.text and f"Chosen chain ({vote.chosen})" in shown.text and "em" not in shown.tags
+    assert component.status.startswith(vote.summary() + "; chosen chain: ")
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"samples": 0}, "samples must be between 1 and 64"), ({"samples": 65}, "samples must be between 1 and 64"),
+    ({"samples": 2, "chain_id": "c1"}, "a Chain ID continues one chain: clear it or set Samples to 1"),
+])
+def test_bad_samples_give_one_readable_line(wired, inputs, message):
+    with pytest.raises(NodeError, match=message):
+        OverlayDecoderComponent(question=QUESTION, **inputs, **wired).get_chain()
 
 
 def test_the_chat_message_reads_as_a_chain(wired):
