@@ -269,6 +269,58 @@ def table_recall(
     console.print(f"({len(report.chains)} chains in {time.perf_counter() - start:.1f} s)")
 
 
+@table_app.command("feedback")
+def table_feedback(
+    domain: str = typer.Argument(DEFAULT_DOMAIN, envvar=ENV_DOMAIN, help="Table domain."),
+    chain_id: Optional[str] = typer.Option(None, "--chain-id", help="Id a chain was decoded under "
+                                           "(generate --session, the Chain Decoder's Chain ID)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Or the chain's text: <Q> … <ANSWER> … <EOS>."),
+    verdict: str = typer.Option(..., "--verdict", help="correct (raise the chain) or wrong (lower it)."),
+    answer: Optional[str] = typer.Option(None, "--answer", help="With --verdict wrong: the right answer (recorded; "
+                                         "no corrected chain is made up)."),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """Record people's verdict on a chain in the domain's feedback log; `table learn` applies it."""
+    from overlay.learn import append_feedback, pending_feedback
+
+    client = client_or_fail(redis_url)
+    try:
+        entry = append_feedback(client, domain, chain_id=chain_id, text=text, verdict=verdict, answer=answer)
+        pending = len(pending_feedback(client, domain))
+    except (tbl.TableNotFound, ValueError, store.StoreUnavailable) as exc:
+        fail(str(exc))
+    what = f"chain {chain_id}" if chain_id else "the chain text"
+    right = f", right answer {' '.join(answer.split())}" if answer else ""
+    console.print(f"recorded verdict {verdict.strip().lower()} on {what} as {entry} in {domain}'s feedback log{right}; "
+                  f"{pending} pending: apply with `overlay table learn {domain}`")
+
+
+@table_app.command("learn")
+def table_learn(domain: str = typer.Argument(DEFAULT_DOMAIN, envvar=ENV_DOMAIN, help="Table domain."),
+                redis_url: Optional[str] = REDIS_OPT) -> None:
+    """Apply pending feedback as one new table version (correct chains raised, wrong ones lowered)."""
+    from overlay.learn import apply_feedback
+
+    client = client_or_fail(redis_url)
+    with Progress(TextColumn("[bold]learning"), BarColumn(), TextColumn("{task.completed}/{task.total} keys"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("learn", total=None)
+        try:
+            report = apply_feedback(client, domain,
+                                    on_flush=lambda done, total: bar.update(task, completed=done, total=total))
+        except (tbl.TableNotFound, ValueError, store.StoreUnavailable) as exc:
+            fail(str(exc))
+    console.print(report.summary())
+    if report.items:
+        out = Table()
+        for col in ("feedback id", "verdict", "chain id", "right answer", "chain"):
+            out.add_column(col)
+        for item in report.items:
+            shown = item.text if len(item.text) <= 60 else item.text[:57] + "..."
+            out.add_row(item.id, item.verdict, item.chain_id or "-", item.answer or "-", escape(shown))
+        console.print(out)
+
+
 def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional[int], redis_url: Optional[str],
                    question_field: Optional[list[str]], steps_field: str, answer_field: str, equation_field: str,
                    **config: Any) -> None:

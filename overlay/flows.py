@@ -75,6 +75,16 @@ FLOWS = (
         positions={"path": (0, 0), "builder": (520, 0), "report": (1040, 0)},
         settings={"report": {"sender_name": "Overlay"}},
     ),
+    FlowSpec(
+        name="chain_feedback",
+        description='Feedback as JSON ({"chain_id" or "text", "verdict": "correct" or "wrong", "answer", "apply"}) → '
+                    "Chain Feedback → recorded in the domain's feedback log; with \"apply\": true also learned into a "
+                    "new table version. Configure with OVERLAY_DOMAIN and OVERLAY_REDIS_URL, or tweaks.",
+        nodes={"request": "ChatInput", "feedback": "OverlayChainFeedback", "report": "ChatOutput"},
+        edges=[("request", "message", "feedback", "request"), ("feedback", "feedback", "report", "input_value")],
+        positions={"request": (0, 0), "feedback": (520, 0), "report": (1040, 0)},
+        settings={"report": {"sender_name": "Overlay"}},
+    ),
 )
 
 

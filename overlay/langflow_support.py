@@ -662,3 +662,59 @@ def build_table_node(redis_url: str | None, path: str, fmt: str, domain: str | N
     status = (f"built {name} v{stats.version}: {stats.sequences} chains, {stats.contexts} contexts "
               f"in {stats.seconds:.1f} s")
     return result, status
+
+
+FEEDBACK_FIELDS = {"chain_id": str, "text": str, "verdict": str, "answer": str, "apply": bool}
+
+
+def feedback_request(request: str | None) -> dict[str, Any]:
+    """The fields of a JSON feedback request (what a REST call sends through the flow's Chat Input); {} if empty."""
+    raw = (request or "").strip()
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise NodeError('the feedback request must be a JSON object such as {"chain_id": "c1", "verdict": "correct"}')
+    unknown = sorted(set(data) - set(FEEDBACK_FIELDS))
+    if unknown:
+        raise NodeError(f"unknown field(s) {', '.join(unknown)} in the feedback request; use {', '.join(FEEDBACK_FIELDS)}")
+    for name, value in data.items():
+        if value is not None and not isinstance(value, FEEDBACK_FIELDS[name]):
+            raise NodeError(f"'{name}' in the feedback request must be a {FEEDBACK_FIELDS[name].__name__}, not {value!r}")
+    if "chain_id" in data or "text" in data:  # the request names the chain: the node's chain fields step aside
+        data = {"chain_id": None, "text": None} | data
+    return data
+
+
+def record_feedback(redis_url: str | None, domain: str | None, chain_id: str | None, chain_text: str | None,
+                    verdict: str | None, answer: str | None, apply_now: bool,
+                    request: str | None = None) -> tuple[dict[str, Any], str]:
+    """The Chain Feedback node's job: append a verdict to the domain's feedback log and, if asked, apply the
+    pending items as a new table version; ``request`` (JSON) replaces the node's fields it names."""
+    from overlay.learn import append_feedback, apply_feedback, pending_feedback
+
+    fields = {"chain_id": chain_id, "text": chain_text, "verdict": verdict, "answer": answer, "apply": apply_now}
+    fields |= feedback_request(request)
+    if not (fields["verdict"] or "").strip():
+        raise NodeError("no verdict given: choose correct or wrong in the node's Verdict field (or send \"verdict\")")
+    name = setting(domain, ENV_DOMAIN, "domain")
+    client = connect(redis_url)
+    entry = append_feedback(client, name, chain_id=fields["chain_id"], text=fields["text"] or None,
+                            verdict=fields["verdict"], answer=fields["answer"])
+    kind = fields["verdict"].strip().lower()
+    result = {"domain": name, "recorded": entry, "verdict": kind, "chain_id": (fields["chain_id"] or "").strip() or None,
+              "answer": " ".join((fields["answer"] or "").split()) or None, "applied": 0, "version": None}
+    status = f"recorded {kind} as {entry} in {name}'s feedback log"
+    if not fields["apply"]:
+        pending = len(pending_feedback(client, name))
+        return result | {"pending": pending}, f"{status}; {pending} pending (Apply Now or `overlay table learn {name}`)"
+    try:
+        report = apply_feedback(client, name)
+    except (ValueError, tbl.TableNotFound, OSError, RuntimeError, redis.exceptions.RedisError) as exc:
+        raise NodeError(f"{status}, but applying it failed: {message_for(exc)}") from None
+    result |= {"applied": len(report.items), "version": report.version, "active": report.active,
+               "pending": len(pending_feedback(client, name))}
+    return result, f"{status}; {report.summary()}"

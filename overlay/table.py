@@ -229,10 +229,12 @@ def _adopt_legacy_counter(client, domain: str) -> None:
         client.delete(legacy)
 
 
-def _activate(client, domain: str, version: int) -> int:
+def _activate(client, domain: str, version: int, also: Callable[[object], None] | None = None) -> int:
     """Point readers at ``version`` unless a newer one is already active (compare-and-set under WATCH).
 
-    Returns the version active afterwards, or 0 when the counter never issued ``version`` (the domain was dropped).
+    ``also(pipe)`` queues more writes in the same transaction, done only when the pointer moves (on Redis Cluster
+    their keys must share the active pointer's slot). Returns the version active afterwards, or 0 when the counter
+    never issued ``version`` (the domain was dropped).
     """
     active, counter = _dkey(domain, "active"), _counter_key(domain)
 
@@ -244,6 +246,8 @@ def _activate(client, domain: str, version: int) -> int:
             return current
         pipe.multi()
         pipe.set(active, version)
+        if also is not None:
+            also(pipe)
         return version
 
     return client.transaction(compare_and_set, active, counter, value_from_callable=True)

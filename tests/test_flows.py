@@ -20,7 +20,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from overlay.chains import load_chains
 from overlay.flows import FLOWS, build_flow, components, component_source, drift, flows_app, registry
+from overlay.learn import feedback_version
+from overlay.table import SemanticTable, active_version, build_table
+from overlay.tokenizer import encode
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
@@ -131,7 +135,7 @@ def test_langflow_components_path_gives_the_overlay_category():
 def test_shipped_flows_match_their_components():
     assert drift(FLOWS_DIR) == []
     result = CliRunner().invoke(flows_app, ["check", "--dir", str(FLOWS_DIR)])
-    assert result.exit_code == 0 and "3 flows match their components" in result.output
+    assert result.exit_code == 0 and "4 flows match their components" in result.output
 
 
 def test_export_is_deterministic_and_embeds_the_component_files(tmp_path):
@@ -165,7 +169,7 @@ def test_lfx_validate_passes_at_level_4():
     deepest = subprocess.run([BIN / "lfx", "validate", "--level", "4", "--skip-components", str(FLOWS_DIR)],
                              capture_output=True, text=True, timeout=120)
     assert deepest.returncode == 0, deepest.stdout + deepest.stderr
-    assert "3 passed, 0 failed" in deepest.stdout
+    assert "4 passed, 0 failed" in deepest.stdout
     strict = subprocess.run([BIN / "lfx", "validate", "--level", "4", "--strict", "--skip-components",
                              "--skip-edge-types", "--skip-credentials", str(FLOWS_DIR)],
                             capture_output=True, text=True, timeout=120)
@@ -252,6 +256,23 @@ def test_build_table_over_rest(served, overlay_model):
     body = run(served, flow_id, str(ROOT / "examples" / "data" / "gsm8k_train_sample.jsonl")).json()
     assert body["success"] and '"domain": "rest-built"' in body["result"] and '"chains": 20' in body["result"]
     assert overlay_model.client.get("ovl:rest-built:active") is not None
+
+
+def test_feedback_over_rest(served, overlay_model):
+    tok = SemanticTable(overlay_model.client, overlay_model.domain).tokenizer()
+    texts = [c.to_text() for c in load_chains(ROOT / "examples" / "data" / "gsm8k_train_sample.jsonl", limit=12).chains]
+    build_table(overlay_model.client, "rest-feedback", [encode(tok, t) for t in texts[:10]], vocab_size=len(tok),
+                tokenizer_json=tok.backend_tokenizer.to_str())
+    flow = flow_json("chain_feedback")
+    node = next(n for n in flow["data"]["nodes"] if n["data"]["type"] == "OverlayChainFeedback")
+    node["data"]["node"]["template"]["domain"]["value"] = "rest-feedback"
+    request = json.dumps({"text": texts[11], "verdict": "correct", "apply": True})
+    body = run(served, upload(served, flow), request).json()
+    assert body["success"], body
+    result = json.loads(body["result"][body["result"].index("{"):body["result"].rindex("}") + 1])
+    assert (result["verdict"], result["applied"], result["version"]) == ("correct", 1, 2)
+    assert active_version(overlay_model.client, "rest-feedback") == 2
+    assert feedback_version(overlay_model.client, "rest-feedback", result["recorded"]) == 2
 
 
 def upload(base: str, flow: dict) -> str:
