@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -18,9 +19,10 @@ from rich.table import Table
 from overlay import store
 from overlay import table as tbl
 from overlay.cliutil import dataclass_params
-from overlay.configs import DatasetConfig, TrainConfig
+from overlay.configs import DatasetConfig, ImproveConfig, TrainConfig
 from overlay.flows import flows_app
 from overlay.probe import probe_app
+from overlay.variants import VariantConfig, VariantError, stellator
 
 app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True)
 table_app = typer.Typer(help="Build, inspect and drop semantic-weight tables.", no_args_is_help=True)
@@ -323,7 +325,7 @@ def table_learn(domain: str = typer.Argument(DEFAULT_DOMAIN, envvar=ENV_DOMAIN, 
 
 def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional[int], redis_url: Optional[str],
                    question_field: Optional[list[str]], steps_field: str, answer_field: str, equation_field: str,
-                   **config: Any) -> None:
+                   variants: int, **config: Any) -> None:
     """Cut chains into token-level windows with the table's candidates, written as Parquet shards."""
     from overlay.dataset import DatasetConfig, build_dataset
 
@@ -332,10 +334,19 @@ def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional
     except ValueError as exc:
         fail(str(exc))
     report = load_or_fail(data, fmt, field_map(question_field, steps_field, answer_field, equation_field), limit)
+    chains = report.chains
+    if variants:
+        try:
+            vset, stats = stellator(chains, VariantConfig(variants=variants, heldout=0, seed=cfg.seed))
+        except VariantError as exc:
+            fail(str(exc))
+        chains = [v.chain for v in vset.train]
+        console.print(f"stellator: {stats['tracks']} of {stats['chains']} chains became tracks, "
+                      f"{stats['variants']} variants added ({stats['verified']} verified)")
     table = open_table(client_or_fail(redis_url), domain)
     start = time.perf_counter()
     try:
-        manifest = build_dataset(table, table.tokenizer(), report.chains, out, cfg)
+        manifest = build_dataset(table, table.tokenizer(), chains, out, cfg)
     except ValueError as exc:
         fail(str(exc))
     console.print(f"[green]dataset[/] {out}: {manifest.rows} rows in {len(manifest.shards)} shard(s), "
@@ -421,9 +432,68 @@ LIMIT_OPT = (Optional[int], typer.Option(None, "--limit", help="Use only the fir
 URL_OPT = (Optional[str], REDIS_OPT)
 dataclass_command(dataset_app, "build", DatasetConfig, _dataset_build,
                   {"data": DATA_OPT, "fmt": FMT_OPT, "domain": DOMAIN_OPT,
+                   "variants": (int, typer.Option(0, "--variants", help="Stellator: also train on N consistent variants "
+                                                  "of each chain (numbers, names and wording changed, results recomputed).")),
                    "out": (Path, typer.Option(..., "--out", help="Dataset folder to write.")),
                    "limit": LIMIT_OPT, "redis_url": URL_OPT, **FIELD_OPTS})
 dataclass_command(app, "train", TrainConfig, _train)
+
+
+def _dataset_variants(data: Path, fmt: str, out: Path, limit: Optional[int], question_field: Optional[list[str]],
+                      steps_field: str, answer_field: str, equation_field: str, **config: Any) -> None:
+    """Stellator data: consistent variants of every chain (results, CHECKs and ANSWER recomputed), written as
+    train.jsonl (sources + training variants), heldout.jsonl (never trained) and stats.json."""
+
+    report = load_or_fail(data, fmt, field_map(question_field, steps_field, answer_field, equation_field), limit)
+    try:
+        vset, stats = stellator(report.chains, VariantConfig(**config))
+    except VariantError as exc:
+        fail(str(exc))
+    paths = vset.write(out)
+    stats |= {"data": str(data), "format": fmt}
+    tmp = out / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=1))
+    tmp.replace(out / "stats.json")
+    console.print(f"[green]variants[/] {stats['tracks']} of {stats['chains']} chains became tracks, "
+                  f"{stats['chains_with_variants']} produced variants ({stats['variants_per_chain']} per chain); "
+                  f"{stats['verified']} of {stats['train_chains'] + stats['heldout_chains']} chains verify")
+    for what in ("chains_skipped", "draws_skipped"):
+        shown = "; ".join(f"{r}: {n}" for r, n in list(stats[what].items())[:4]) or "none"
+        console.print(f"{what.replace('_', ' ')}: {shown}")
+    console.print(f"→ {paths['train']} ({len(vset.train)} chains), {paths['heldout']} ({len(vset.heldout)}), "
+                  f"{out / 'stats.json'}")
+
+
+def _improve(model: Path, data: Path, fmt: str, domain: str, out: Path, test: Optional[Path], limit: Optional[int],
+             redis_url: Optional[str], question_field: Optional[list[str]], steps_field: str, answer_field: str,
+             equation_field: str, **config: Any) -> None:
+    """Self-improvement rounds: decode training questions, keep verified chains with the gold answer, learn them into a
+    new table version and continue training the selector on them; resumes an interrupted run in --out."""
+    from overlay.improve import run_improve
+
+    try:
+        cfg = ImproveConfig(**config)
+    except ValueError as exc:
+        fail(str(exc))
+    fields = field_map(question_field, steps_field, answer_field, equation_field)
+    chains = load_or_fail(data, fmt, fields, limit).chains
+    tests = load_or_fail(test, fmt, fields).chains if test else None
+    client = client_or_fail(redis_url)
+    try:
+        rounds = run_improve(client, domain, model_dir_for(domain, model), chains, out, cfg, tests, log=console.print)
+    except (ValueError, FileNotFoundError, LookupError, store.StoreUnavailable) as exc:
+        fail(str(exc))
+    for r in rounds:
+        test_part = f", test exact-match {r['test']['exact_match']:.3f}" if "test" in r else ""
+        console.print(f"round {r['round']}: solved {r['solved']:.3f} of {r['questions']} training questions, "
+                      f"{r['kept_chains']} chains kept, table v{r['table_version']}{test_part}")
+    console.print(f"[green]state:[/] {out / 'state.json'}")
+
+
+dataclass_command(dataset_app, "variants", VariantConfig, _dataset_variants,
+                  {"data": DATA_OPT, "fmt": FMT_OPT,
+                   "out": (Path, typer.Option(..., "--out", help="Folder for train.jsonl, heldout.jsonl, stats.json.")),
+                   "limit": LIMIT_OPT, **FIELD_OPTS})
 
 
 @app.command("eval")
@@ -565,6 +635,15 @@ def quickstart(
         print_chain(DecodeResult(**ex))
     console.print(f"[bold green]report:[/] {report}")
 
+
+
+dataclass_command(app, "improve", ImproveConfig, _improve,
+                  {"model": (Optional[Path], typer.Option(None, "--model", help="Selector folder to start from "
+                                                          "(default: the domain's model)")),
+                   "data": DATA_OPT, "fmt": FMT_OPT, "domain": DOMAIN_OPT,
+                   "out": (Path, typer.Option(..., "--out", help="Run folder (state.json, round-N/); resumed if it exists.")),
+                   "test": (Optional[Path], typer.Option(None, "--test", help="Test JSONL: exact-match after each round.")),
+                   "limit": LIMIT_OPT, "redis_url": URL_OPT, **FIELD_OPTS})
 
 if __name__ == "__main__":
     app()

@@ -123,3 +123,29 @@ class TrainConfig:
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
+
+
+@dataclass
+class ImproveConfig:
+    """One self-improvement run (the CLI options are its fields)."""
+
+    rounds: int = field(default=3, metadata={"help": "Rounds to reach (a resumed run continues up to this)."})
+    questions: int = field(default=200, metadata={"help": "Training questions decoded per round (0 = all)."})
+    samples: int = field(default=4, metadata={"help": "Chains decoded per question (chain 0 greedy, the rest sampled)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of chains 1..n-1."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus (top-p) of the sampled chains."})
+    max_tokens: int = field(default=256, metadata={"help": "Token limit of each decoded chain."})
+    steps: int = field(default=200, metadata={"help": "Selector training steps per round."})
+    replay: float = field(default=1.0, metadata={
+        "help": "Original training chains mixed in per kept chain (keeps the selector from forgetting them)."})
+    chains_per_batch: int = field(default=8, metadata={"help": "Chains per training batch."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of each round's training."})
+    test_limit: int = field(default=200, metadata={"help": "Test questions decoded after each round (with --test)."})
+    live: int = field(default=2, metadata={
+        "help": "Held-out variants per learned question, decoded before and after the table update (0: skip)."})
+    seed: int = field(default=0, metadata={"help": "Seed of question order, sampling and replay."})
+    threads: int = field(default=2, metadata={"help": "CPU threads for training."})
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.samples < 1 or self.questions < 0 or self.steps < 1 or self.max_tokens < 1 or self.replay < 0:
+            raise ValueError("need rounds ≥ 1, samples ≥ 1, questions ≥ 0, steps ≥ 1, max_tokens ≥ 1 and replay ≥ 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,7 +146,7 @@ def vote_markdown(vote: dict[str, Any]) -> list[str]:
 def heldout_variants(train_file: str, tracks: int, seed: int = 0) -> list[Chain]:
     """Held-out variants of the first ``tracks`` training records (the track probe's split: numbers and names
     changed, results recomputed; never trained): a question the model has seen the shape of, with new numbers."""
-    from overlay.probe import VariantConfig, generate_variants, library_from_gsm8k
+    from overlay.variants import HELDOUT_VARIANTS, generate_variants, library_from_gsm8k
 
     library = library_from_gsm8k(train_file, limit=tracks)
-    return [v.chain for v in generate_variants(library, VariantConfig(edits="numbers,names", seed=seed)).heldout]
+    return [v.chain for v in generate_variants(library, replace(HELDOUT_VARIANTS, seed=seed)).heldout]
