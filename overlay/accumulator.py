@@ -83,6 +83,7 @@ class ScoreAccumulator:
         self.log_score = 0.0
         self.scored_tokens = 0
         self.steps: list[TraceStep] = []
+        self.earlier = 0  # tokens added before this object was restored from a state without their trace
         self.tag_counts: dict[str, int] = {}
         self.stop_reason: str | None = None
 
@@ -96,6 +97,11 @@ class ScoreAccumulator:
         tag = _STEP_TAG_TOKENS.get(step.token)
         if tag is not None:
             self.tag_counts[tag] = self.tag_counts.get(tag, 0) + 1
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the chain, those whose trace steps are not held here (``earlier``) included."""
+        return self.earlier + len(self.steps)
 
     @property
     def mean_logprob(self) -> float:
@@ -114,32 +120,39 @@ class ScoreAccumulator:
             return self.stop_reason
         if self.steps and self.steps[-1].token == "<EOS>":
             self.stop_reason = "eos"
-        elif len(self.steps) >= max_tokens:
+        elif self.tokens >= max_tokens:
             self.stop_reason = "max_tokens"
         elif min_mean_logprob is not None and self.scored_tokens and self.mean_logprob < min_mean_logprob:
             self.stop_reason = "low_score"
         return self.stop_reason
 
-    def to_dict(self) -> dict[str, Any]:
-        """Serialise to plain JSON-compatible data (exact: floats survive a JSON round trip)."""
-        return {
+    def to_dict(self, trace: bool = True) -> dict[str, Any]:
+        """Serialise to plain JSON-compatible data (exact: floats survive a JSON round trip).
+
+        ``trace=False`` leaves the per-token steps out: the small, fixed-size state a session overwrites on every
+        save, while the steps go to an append-only, capped trace (``SessionStore.append``).
+        """
+        data = {
             "version": 1,
+            "tokens": self.tokens,
             "log_score": self.log_score,
             "scored_tokens": self.scored_tokens,
             "tag_counts": dict(self.tag_counts),
             "stop_reason": self.stop_reason,
-            "steps": [asdict(step) for step in self.steps],
         }
+        return (data | {"steps": [asdict(step) for step in self.steps]}) if trace else data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoreAccumulator:
-        """Rebuild an accumulator from `to_dict()` output, running sums included."""
+        """Rebuild an accumulator from `to_dict()` output, running sums included; without steps (``trace=False``)
+        it holds no trace and goes on counting from the saved number of tokens."""
         accumulator = cls()
         accumulator.log_score = float(data["log_score"])
         accumulator.scored_tokens = int(data["scored_tokens"])
         accumulator.tag_counts = {str(tag): int(count) for tag, count in data["tag_counts"].items()}
         accumulator.stop_reason = data["stop_reason"]
-        accumulator.steps = [TraceStep(**step) for step in data["steps"]]
+        accumulator.steps = [TraceStep(**step) for step in data.get("steps", ())]
+        accumulator.earlier = int(data.get("tokens", len(accumulator.steps))) - len(accumulator.steps)
         return accumulator
 
     def to_json(self) -> str:

@@ -392,14 +392,18 @@ def accumulator_spec(max_tokens: int, min_mean_logprob: float, state_ttl: int) -
 
 def summary(acc: ScoreAccumulator) -> dict[str, Any]:
     """The accumulator's totals as plain data: score, per-token mean, perplexity, tag counts, stop reason."""
-    return {"tokens": len(acc.steps), "scored_tokens": acc.scored_tokens, "log_score": acc.log_score,
+    return {"tokens": acc.tokens, "scored_tokens": acc.scored_tokens, "log_score": acc.log_score,
             "mean_logprob": acc.mean_logprob, "perplexity": acc.perplexity if math.isfinite(acc.perplexity) else None,
             "tag_counts": dict(acc.tag_counts), "stop_reason": acc.stop_reason}
 
 
 def accumulate(choice: Any, chain_id: str | None, redis_url: str | None, max_tokens: int,
                min_mean_logprob: float, state_ttl: int) -> tuple[dict[str, Any], str]:
-    """Add the Selector's choice to the chain's running score (kept in Redis with a TTL) and report the totals."""
+    """Add the Selector's choice to the chain's running score (kept in Redis with a TTL) and report the totals.
+
+    A chain id keeps only the running sums (overwritten, fixed size) and appends the new trace step to the chain's
+    capped trace stream, so what a run reads and writes does not grow with the chain (``SessionStore.append``).
+    """
     accumulator_spec(max_tokens, min_mean_logprob, state_ttl)
     data = getattr(choice, "data", choice) if choice not in (None, "") else None
     if data is not None and not (isinstance(data, Mapping) and "token_id" in data and "score" in data):
@@ -410,18 +414,18 @@ def accumulate(choice: Any, chain_id: str | None, redis_url: str | None, max_tok
     acc = ScoreAccumulator.from_dict(state) if state else ScoreAccumulator()
     if data is not None:
         acc.stop_reason = None
-        acc.add(TraceStep(position=len(acc.steps), token_id=data["token_id"], token=str(data.get("token", "")), tag="",
+        acc.add(TraceStep(position=acc.tokens, token_id=data["token_id"], token=str(data.get("token", "")), tag="",
                           candidates=[c["token_id"] for c in data.get("candidates", [])],
                           chosen_rank=int(data.get("rank", 1)) - 1, score=data["score"], margin=data.get("margin", 0.0),
                           table_weight=data.get("table_weight", 0.0), order_used=data.get("order_used", 0)))
         acc.should_stop(max_tokens, min_mean_logprob if min_mean_logprob < 0 else None)
     if sessions:
-        sessions.save(sid, acc.to_dict(), ttl_s=state_ttl)
+        sessions.append(sid, acc.to_dict(trace=False), [], [asdict(s) for s in acc.steps], ttl_s=state_ttl)
     totals = summary(acc) | {"chain_id": sid or None}
     where = f"chain {sid}" if sid else "no chain id, not kept"
     stop = f", stop: {acc.stop_reason}" if acc.stop_reason else ""
     scores = f"log-score {acc.log_score:.3f}, mean {acc.mean_logprob:.3f}"
-    return totals, f"{len(acc.steps)} tokens, {scores} ({where}{stop})"
+    return totals, f"{acc.tokens} tokens, {scores} ({where}{stop})"
 
 
 @dataclass

