@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -20,6 +22,7 @@ from overlay.selector import (
 )
 
 V, K = 40, 6
+CUDA = torch.cuda.is_available()
 
 
 def word_tokenizer(vocab_size: int = V) -> PreTrainedTokenizerFast:
@@ -273,7 +276,23 @@ def test_hf_causal_selector_on_local_gpt2(gpt2_folder):
 
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA was requested but torch.cuda.is_available\\(\\) is False"):
-            resolve_device("cuda")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA: asking for it is no error here (the CUDA tests run)")
+def test_cuda_without_a_gpu_is_an_error():
+    with pytest.raises(RuntimeError, match="CUDA was requested but torch.cuda.is_available\\(\\) is False"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device: torch.cuda.is_available() is False")
+def test_scores_on_cuda_match_cpu(model):
+    """The selector moved to the GPU scores there, and gives the CPU's scores."""
+    gpu = copy.deepcopy(model).to(resolve_device("cuda"))
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    windows, cands = batch()
+    with torch.no_grad():
+        scores = gpu.score(windows.to("cuda"), cands.to("cuda"))
+        reference = model.score(windows, cands)
+    assert scores.device.type == "cuda"
+    assert torch.allclose(scores.cpu(), reference, atol=1e-3)

@@ -23,6 +23,7 @@ from overlay.selector import HFCausalSelector, SelectorConfig, SelectorModel, lo
 from overlay.train import TrainConfig, config_from_kwargs, held_out_mask, load_adapters, train
 
 V, k, K = 40, 8, 8
+CUDA = torch.cuda.is_available()
 WORDS = V - 10
 TINY = dict(arch="window", n_layer=1, n_head=2, n_embd=32, batch_size=64, lr=1e-2, warmup=5, eval_every=10, save_every=0, threads=1)
 
@@ -243,9 +244,31 @@ def test_input_errors(tmp_path, data_a, base):
         train(TrainConfig(data=str(data_a), out=str(broken), lora=True, **TINY), progress=False)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o3"), **TINY), progress=False)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA was requested"):
-            train(TrainConfig(data=str(data_a), out=str(tmp_path / "o4"), device="cuda", **TINY), progress=False)
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA: asking for it is no error here (test_trains_on_cuda runs)")
+def test_cuda_without_a_gpu_is_an_error(tmp_path, data_a):
+    with pytest.raises(RuntimeError, match="CUDA was requested"):
+        train(TrainConfig(data=str(data_a), out=str(tmp_path / "o4"), device="cuda", **TINY), progress=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device: torch.cuda.is_available() is False")
+def test_trains_on_cuda(tmp_path, data_a):
+    """On a GPU the run trains there (its tensors take GPU memory, it reports cuda), learns, and the saved model
+    scores on the GPU."""
+    torch.cuda.reset_peak_memory_stats()
+    result = train(TrainConfig(data=str(data_a), out=str(tmp_path / "cuda"), device="cuda", steps=40, **TINY),
+                   progress=False)
+    assert torch.device(result.device).type == "cuda"
+    assert torch.cuda.max_memory_allocated() > 4 * result.params  # at least the fp32 weights lived on the GPU
+    assert result.history[0]["train_loss"] > result.history[-1]["train_loss"] and result.eval_accuracy > 0.5
+    model, _ = load_selector(tmp_path / "cuda")
+    model = model.to("cuda").eval()
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    windows, cands, labels = eval_batch(shift=1)
+    with torch.no_grad():
+        scores = model.score(windows.to("cuda"), cands.to("cuda"))
+    assert scores.device.type == "cuda" and accuracy(scores.cpu(), labels) > 0.5
 
 
 def test_held_out_split_from_dev_flags_or_last_chains():

@@ -3,6 +3,7 @@ traced with their source, the full-context peer trains and decodes, and per-toke
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -22,6 +23,7 @@ from overlay.train import TrainConfig, train
 from conftest import EXAMPLES
 
 NAMES = ["Tom", "Ana", "Raj", "Lee", "Mia", "Ola"]
+CUDA = torch.cuda.is_available()
 
 
 def synthetic(n: int, seed: int) -> list[Chain]:
@@ -182,3 +184,32 @@ def test_a_domain_adapter_is_folded_into_the_decode_scorer(trained, overlay_redi
     dec = load_decoder("qa-test", str(folder / "qa"), url)
     assert dec.adapter == "qa-test"
     assert dec.generate("Lee buys 5 boxes of 33 pens. How many pens does Lee have?").tokens > 0
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device: torch.cuda.is_available() is False")
+def test_question_aware_selector_trains_and_scores_on_cuda(trained, tmp_path):
+    """On a GPU whole-chain training runs there (its tensors take GPU memory, it reports cuda) and learns, and the
+    trained model's forward on the GPU gives the CPU's scores."""
+    _, folder, _, _ = trained
+    torch.cuda.reset_peak_memory_stats()
+    result = train(TrainConfig(data=str(folder / "ds"), out=str(tmp_path / "qa-cuda"), steps=40, n_layer=2, n_head=2,
+                               n_embd=64, chains_per_batch=16, warmup=5, lr=1e-2, eval_every=10, save_every=0,
+                               device="cuda"), progress=False)
+    assert torch.device(result.device).type == "cuda" and torch.cuda.max_memory_allocated() > 4 * result.params
+    assert result.history[0]["train_loss"] > result.history[-1]["train_loss"]
+    model, tok = load_selector(folder / "qa")
+    gpu = copy.deepcopy(model).to("cuda")
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    ids = encode(tok, synthetic(1, 7)[0].to_text())
+    plen = prompt_length(ids)
+    positions = list(range(plen, len(ids)))
+    cands = [[ids[p], 5, 6, 7] for p in positions]
+    ex = make_example(ids, plen, positions, cands, [0] * len(positions), NumberSpans(token_texts(tok)), model.config,
+                      len(ids) + 1)
+    with torch.no_grad():
+        logits = gpu(**collate([ex], "cuda")).logits
+        reference = model(**collate([ex])).logits
+    assert logits.device.type == "cuda"
+    scored = reference > -1e29
+    assert torch.equal(logits.cpu() > -1e29, scored)
+    assert torch.allclose(logits.cpu()[scored], reference[scored], atol=1e-3)
