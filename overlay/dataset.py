@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from overlay.configs import DISTRACTORS, DatasetConfig
+from overlay.configs import DatasetConfig
 from overlay.chains import ACTION, ANSWER, CHECK, EOS, PAD, RESULT, SPECIAL_TOKENS, THOUGHT, Chain
 from overlay.table import SemanticTable
 from overlay.tokenizer import check_tokenizers, encode, save_tokenizer

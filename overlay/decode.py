@@ -272,10 +272,10 @@ class OverlayDecoder:
         owner, fast, cached, qa = self.__dict__.get("_paths", (None, None, None, None))
         stale = owner is not self.model or any(p is not None and not p.usable(self.model) for p in (fast, cached, qa))
         if stale:
-            from overlay.selector import CachedScorer, FastScorer, QASelector, QAScorer  # transformers loads lazily
+            from overlay.selector import CachedScorer, FastScorer, QASelector, QAScorer, unwrap  # transformers loads lazily
 
             fast, cached = FastScorer.build(self.model), CachedScorer.build(self.model)
-            base = getattr(getattr(self.model, "base_model", self.model), "model", self.model)
+            base = unwrap(self.model)
             qa = QAScorer(self.model, self.numbers, self.adapter) if isinstance(base, QASelector) else None
             self.__dict__["_paths"] = (self.model, fast, cached, qa)
         return fast, cached, qa

@@ -45,6 +45,7 @@ from overlay.selector import (
     replace_dir,
     resolve_device,
     save_selector,
+    unwrap,
 )
 from overlay.selector.batches import ChainSource, collate, load_chains_with_rows, make_example
 from overlay.selector.state import NumberSpans, token_texts
@@ -393,7 +394,7 @@ def _chain_source(config: TrainConfig, model: torch.nn.Module, data: Path, manif
                   device: torch.device) -> ChainSource:
     """Whole chains for the question-aware selector (examples with copy labels) or the full-context peer."""
     chains = load_chains_with_rows(data, manifest, config.max_rows)
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = unwrap(model)
     if isinstance(base, QASelector):
         numbers = NumberSpans(token_texts(load_tokenizer(data)))
         examples = [make_example(ids, plen, *rows, numbers, base.config, config.max_chain) for ids, plen, _, rows in chains]
@@ -446,7 +447,7 @@ def _run(config: TrainConfig, device: torch.device, progress: bool,
     torch.manual_seed(config.seed)
     model, adapter = _build(config, manifest, out)
     model.to(device).train()
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = unwrap(model)
     windows = isinstance(base, (SelectorModel, HFCausalSelector)) and not getattr(base.config, "overlay_peer", False)
     source = (_window_source(config, data, manifest, device) if windows
               else _chain_source(config, model, data, manifest, device))

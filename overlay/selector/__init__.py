@@ -29,6 +29,7 @@ from overlay.selector.model import (
     alibi_window,
     candidate_head,
     key_mask,
+    unwrap,
 )
 from overlay.selector.qa import QAOutput, QASelector, QASelectorConfig, attention_plan
 from overlay.selector.qa_scorer import ChainMemory, QAScorer
@@ -39,5 +40,5 @@ __all__ = [
     "WEIGHTS_INDEX", "Attention", "Block", "CachedScorer", "ChainMemory", "FastScorer", "HFCausalSelector", "KVCache",
     "QAOutput", "QAScorer", "QASelector", "QASelectorConfig", "Selector", "SelectorConfig", "SelectorModel",
     "SelectorOutput", "alibi_slopes", "alibi_window", "attention_plan", "candidate_head", "check_model_folder",
-    "key_mask", "load_model", "load_selector", "replace_dir", "resolve_device", "save_selector",
+    "key_mask", "load_model", "load_selector", "replace_dir", "resolve_device", "save_selector", "unwrap",
 ]

@@ -208,7 +208,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class SelectorModel(PreTrainedModel):
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The selector under a peft wrapper (``PeftModel.get_base_model``), else the model itself: the one way every
+    caller reaches the architecture and its config, whatever adapters sit on it."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+class SelectorWeights:
+    """What both selectors (window and question-aware) share as Hugging Face models: GPT-2 initialisation and the
+    token embedding ``wte`` as the input embedding. Mixed in before ``PreTrainedModel``."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 scheme)."""
+        super()._init_weights(module)
+        if getattr(module, "residual_proj", False):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (candidates are scored against it too when tied)."""
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding."""
+        self.wte = value
+
+
+class SelectorModel(SelectorWeights, PreTrainedModel):
     """Causal transformer over a k-token window that scores K candidate next tokens."""
 
     config_class = SelectorConfig
@@ -227,22 +255,6 @@ class SelectorModel(PreTrainedModel):
         if not config.tie_word_embeddings:
             self.out_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 scheme)."""
-        super()._init_weights(module)
-        if getattr(module, "residual_proj", False):
-            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.weight, mean=0.0, std=std)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding (also the output embedding when tied)."""
-        return self.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the token embedding."""
-        self.wte = value
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from overlay.selector.model import IGNORE_INDEX, PAD_ID, Block, alibi_slopes
+from overlay.selector.model import IGNORE_INDEX, PAD_ID, Block, SelectorWeights, alibi_slopes
 from overlay.selector.state import N_TAGS
 
 
@@ -94,7 +93,7 @@ def attention_plan(question_ids: torch.Tensor, chain_ids: torch.Tensor, pinned: 
     return allowed, bias
 
 
-class QASelector(PreTrainedModel):
+class QASelector(SelectorWeights, PreTrainedModel):
     """Question memory + chain window + step state; scores table candidates and copy values."""
 
     config_class = QASelectorConfig
@@ -116,21 +115,6 @@ class QASelector(PreTrainedModel):
         self.ptr_q = nn.Linear(d, d, bias=False)
         self.ptr_k = nn.Linear(d, d, bias=False)
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2·n_layer) (GPT-2 scheme)."""
-        super()._init_weights(module)
-        if getattr(module, "residual_proj", False):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding (also the output embedding)."""
-        return self.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the token embedding."""
-        self.wte = value
 
     def encode(self, question_ids: torch.Tensor, chain_ids: torch.Tensor, states: torch.Tensor,
                pinned: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from overlay.selector.model import SQRT_HALF, alibi_slopes
+from overlay.selector.model import SQRT_HALF, alibi_slopes, unwrap
 from overlay.selector.state import NumberSpans, StepState
 
 
@@ -68,7 +68,7 @@ class QAScorer:
 
     def __init__(self, model: torch.nn.Module, numbers: NumberSpans, adapter: str = "") -> None:
         owner = model
-        model = getattr(getattr(model, "base_model", model), "model", model)
+        model = unwrap(model)
         cfg = model.config
         self.model, self.numbers, self.adapter = owner, numbers, adapter
         self.params = list(model.parameters())
