@@ -124,12 +124,12 @@ def render(results: Path = common.RESULTS) -> str:
     return "\n".join(out)
 
 
-def splice(text: str, body: str) -> str:
-    """Replace what lies between the result markers in ``text`` with ``body``."""
-    if START not in text or END not in text:
-        raise ValueError(f"the file has no {START} … {END} markers to write between")
-    head, rest = text.split(START, 1)
-    return f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}"
+def splice(text: str, body: str, start: str = START, end: str = END) -> str:
+    """Replace what lies between the ``start`` and ``end`` markers in ``text`` with ``body``."""
+    if start not in text or end not in text:
+        raise ValueError(f"the file has no {start} … {end} markers to write between")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def main() -> None:
