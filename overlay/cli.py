@@ -465,7 +465,7 @@ def _dataset_variants(data: Path, fmt: str, out: Path, limit: Optional[int], que
 
 
 def _improve(model: Path, data: Path, fmt: str, domain: str, out: Path, test: Optional[Path], limit: Optional[int],
-             redis_url: Optional[str], question_field: Optional[list[str]], steps_field: str, answer_field: str,
+             replay_data: Optional[Path], replay_limit: Optional[int], redis_url: Optional[str], question_field: Optional[list[str]], steps_field: str, answer_field: str,
              equation_field: str, **config: Any) -> None:
     """Self-improvement rounds: decode training questions, keep verified chains with the gold answer, learn them into a
     new table version and continue training the selector on them; resumes an interrupted run in --out."""
@@ -478,9 +478,11 @@ def _improve(model: Path, data: Path, fmt: str, domain: str, out: Path, test: Op
     fields = field_map(question_field, steps_field, answer_field, equation_field)
     chains = load_or_fail(data, fmt, fields, limit).chains
     tests = load_or_fail(test, fmt, fields).chains if test else None
+    replay = load_or_fail(replay_data, fmt, fields, replay_limit).chains if replay_data else None
     client = client_or_fail(redis_url)
     try:
-        rounds = run_improve(client, domain, model_dir_for(domain, model), chains, out, cfg, tests, log=console.print)
+        rounds = run_improve(client, domain, model_dir_for(domain, model), chains, out, cfg, tests, log=console.print,
+                             replay=replay)
     except (ValueError, FileNotFoundError, LookupError, store.StoreUnavailable) as exc:
         fail(str(exc))
     for r in rounds:
@@ -643,6 +645,9 @@ dataclass_command(app, "improve", ImproveConfig, _improve,
                    "data": DATA_OPT, "fmt": FMT_OPT, "domain": DOMAIN_OPT,
                    "out": (Path, typer.Option(..., "--out", help="Run folder (state.json, round-N/); resumed if it exists.")),
                    "test": (Optional[Path], typer.Option(None, "--test", help="Test JSONL: exact-match after each round.")),
+                   "replay_data": (Optional[Path], typer.Option(None, "--replay-data", help="The chains the start model "
+                                                                "was trained on, replayed each round (default: --data's).")),
+                   "replay_limit": (Optional[int], typer.Option(None, "--replay-limit", help="Only the first N of them.")),
                    "limit": LIMIT_OPT, "redis_url": URL_OPT, **FIELD_OPTS})
 
 if __name__ == "__main__":

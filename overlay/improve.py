@@ -105,8 +105,11 @@ def _learned_version(client, domain: str, tag: str) -> int | None:
 
 
 def run_improve(client, domain: str, model_dir: str | Path, chains: list[Chain], out: str | Path,
-                config: ImproveConfig, test: list[Chain] | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run rounds until ``config.rounds`` are complete (resuming a run in ``out``); returns each round's figures."""
+                config: ImproveConfig, test: list[Chain] | None = None, log: Callable[[str], None] = print,
+                replay: list[Chain] | None = None) -> list[dict]:
+    """Run rounds until ``config.rounds`` are complete (resuming a run in ``out``); returns each round's figures.
+    ``chains`` are the training questions with their gold answers (only the answers are used); ``replay`` the chains
+    the start model was trained on, mixed into each round's training (default: ``chains`` themselves)."""
     from overlay.dataset import build_dataset
     from overlay.selector import load_selector
     from overlay.train import train
@@ -160,10 +163,11 @@ def run_improve(client, domain: str, model_dir: str | Path, chains: list[Chain],
         if not kept:
             log(f"round {r}: no verified chain yet, so the selector is not trained this round")
         elif not (folder / "model" / "train_result.json").exists():
-            replay = random.Random(config.seed + r).sample(chains, min(len(chains), int(config.replay * len(kept))))
+            pool = chains if replay is None else replay
+            mixed = random.Random(config.seed + r).sample(pool, min(len(pool), int(config.replay * len(kept))))
             data = folder / "dataset"
             if not (data / "manifest.json").exists():
-                build_dataset(table, tok, kept + replay, data, DatasetConfig(seed=config.seed))
+                build_dataset(table, tok, kept + mixed, data, DatasetConfig(seed=config.seed))
             train(TrainConfig(data=str(data), out=str(folder / "model"), base=str(model), steps=config.steps,
                               chains_per_batch=config.chains_per_batch, lr=config.lr, warmup=max(1, config.steps // 10),
                               eval_every=0, save_every=max(1, config.steps // 4), threads=config.threads,

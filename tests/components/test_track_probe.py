@@ -79,7 +79,7 @@ def test_empty_fields_fall_back_to_the_environment(overlay_window_model, tmp_pat
     ({"model_dir": "/nonexistent/model"}, "model folder /nonexistent/model does not exist"),
     ({"domain": "missing"}, "no complete table for domain 'missing'"),
     ({"prefix_steps": "one"}, "prefix_steps must be comma-separated integers"),
-    ({"heldout": 9}, "need 1 ≤ heldout ≤ variants ≤ 50"),
+    ({"heldout": 9}, "need 0 ≤ heldout ≤ variants ≤ 50"),
 ])
 def test_bad_input_gives_one_readable_line(overlay_window_model, tmp_path, change, message):
     with pytest.raises(NodeError) as info:
