@@ -465,8 +465,9 @@ def _dataset_variants(data: Path, fmt: str, out: Path, limit: Optional[int], que
 
 
 def _improve(model: Path, data: Path, fmt: str, domain: str, out: Path, test: Optional[Path], limit: Optional[int],
-             replay_data: Optional[Path], replay_limit: Optional[int], redis_url: Optional[str], question_field: Optional[list[str]], steps_field: str, answer_field: str,
-             equation_field: str, **config: Any) -> None:
+             replay_data: Optional[Path], replay_limit: Optional[int], redis_url: Optional[str],
+             question_field: Optional[list[str]], steps_field: str, answer_field: str, equation_field: str,
+             **config: Any) -> None:
     """Self-improvement rounds: decode training questions, keep verified chains with the gold answer, learn them into a
     new table version and continue training the selector on them; resumes an interrupted run in --out."""
     from overlay.improve import run_improve
