@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import EXAMPLES
-from overlay.chains import ACTION, RESULT, load_chains
+from overlay.chains import load_chains
 from overlay.probe import (
     Inspector,
     PrepareConfig,
@@ -33,7 +32,6 @@ from overlay.probe import (
 )
 from overlay.selector import SelectorConfig, SelectorModel
 from overlay.table import SemanticTable
-from overlay.tools import calc
 from overlay.variants import VariantError
 
 LIBRARY = Path(__file__).resolve().parent.parent / "examples" / "probe_library.yaml"
@@ -51,20 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def write(tmp_path: Path, text: str, name: str = "lib.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def actions_recompute(chain) -> bool:
-    """Every <ACTION> CALL calc(e) is followed by <RESULT> calc(e), and the answer is the last result."""
-    steps = chain.steps
-    pairs = [(a.text, r.text) for a, r in zip(steps, steps[1:]) if a.tag == ACTION and r.tag == RESULT]
-    ok = all(calc(re.fullmatch(r"CALL calc\((.*)\)", a).group(1)) == r for a, r in pairs)
-    return bool(pairs) and ok and pairs[-1][1] == chain.answer
 
 
 class NoHiddenStates(torch.nn.Module):
@@ -269,7 +253,8 @@ def test_cli_tracks_writes_the_report(pair, tmp_path):
 
 def test_cli_bad_input_is_one_line(pair, tmp_path):
     runner = CliRunner()
-    empty = write(tmp_path, "tracks: []\n")
+    empty = tmp_path / "lib.yaml"
+    empty.write_text("tracks: []\n")
     for args, message in (
         (["--library", str(empty)], "has no tracks"),
         (["--library", str(LIBRARY), "--prefix-steps", "one"], "prefix_steps must be comma-separated integers"),
