@@ -1,12 +1,13 @@
-"""REST: ``lfx serve`` latency for one question and throughput at concurrency 8, on the shipped flow.
+"""REST: seconds per GSM8K test answer through ``lfx serve``, and answers per second at concurrency 8 with 1 and 2 workers.
 
-Starts ``lfx serve flows/overlay_reasoning.json`` (API key required, as in production) against the
-benchmark's table and selector (``OVERLAY_DOMAIN`` / ``OVERLAY_MODEL_DIR`` / ``OVERLAY_REDIS_URL``), then
-times ``POST /flows/<id>/run``: one request at a time (latency) and 8 concurrent clients (throughput). The
-peer, in the same run: the same questions decoded in-process by ``OverlayDecoder.generate`` with the same
-token limit, so the REST overhead is the difference.
+Starts ``lfx serve flows/overlay_reasoning.json`` (API key required, as in production; ``--workers N`` with a
+shared ``--flow-dir`` when N > 1) against the benchmark's table and selector (``OVERLAY_DOMAIN`` /
+``OVERLAY_MODEL_DIR`` / ``OVERLAY_REDIS_URL``), then times ``POST /flows/<id>/run`` with GSM8K test questions: one
+request at a time (seconds per answer) and 8 concurrent clients (answers per second), once per worker count. The
+peer, in the same run: the same questions decoded in process by ``OverlayDecoder.generate`` with the same token
+limit, so the REST overhead is the difference.
 
-    python benchmarks/bench_rest.py --data ../shared/data/gsm8k/train.jsonl --requests 16 --concurrency 8
+    python benchmarks/bench_rest.py --questions ../shared/data/gsm8k/test.jsonl --requests 16 --workers 1,2
 """
 
 from __future__ import annotations
@@ -55,16 +56,18 @@ def redis_url(client) -> str:
     return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
-def start_server(home: Path, setup: common.Setup, port: int, threads: int) -> subprocess.Popen:
+def start_server(home: Path, setup: common.Setup, port: int, threads: int, workers: int) -> subprocess.Popen:
+    """``lfx serve`` on the shipped flow with ``workers`` worker processes (a shared flow folder when more than one)."""
     lfx = Path(sys.executable).with_name("lfx")
     env = os.environ | {"LANGFLOW_API_KEY": API_KEY, "OVERLAY_DOMAIN": setup.table.domain,
                         "OVERLAY_MODEL_DIR": str(setup.model_dir), "OVERLAY_REDIS_URL": redis_url(setup.client),
                         "OVERLAY_HOME": str(home)}
     if threads:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    shared = ["--workers", str(workers), "--flow-dir", str(home / f"flows-{port}")] if workers > 1 else []
     log = (home / "lfx-serve.log").open("w")
     return subprocess.Popen([str(lfx) if lfx.exists() else "lfx", "serve", str(FLOW), "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], env=env, stdout=log,
+                             "--port", str(port), "--log-level", "warning", *shared], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -91,9 +94,42 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def serve(home: Path, setup: common.Setup, args, workers: int, questions: list[str], latency: bool) -> list[dict]:
+    """Rows for one server with ``workers`` workers: one request at a time (when ``latency``) and concurrency N."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(home, setup, port, args.threads, workers)
+    try:
+        startup = wait_healthy(base, proc, home, args.startup_timeout)
+        flows = call(f"{base}/flows")[1]
+        flow_id = flows[0]["id"] if isinstance(flows[0], dict) else flows[0]
+        url = f"{base}/flows/{flow_id}/run"
+        with ThreadPoolExecutor(workers * 2) as pool:  # warm every worker: each loads the selector once
+            replies = list(pool.map(lambda q: call(url, {"input_value": q})[1], [questions[-1]] * (workers * 2)))
+        if not all(r.get("success", False) for r in replies):
+            raise RuntimeError(f"the flow run failed: {str(replies)[:500]}")
+        rows = []
+        if latency:
+            single = [call(url, {"input_value": q})[0] for q in questions[:args.requests]]
+            rows.append({"measure": "lfx serve, one request at a time", "workers": workers, "requests": len(single),
+                         "median_s": statistics.median(single), "p99_s": common.percentile(single, 99),
+                         "answers_per_s": len(single) / sum(single), "startup_s": startup})
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            start = time.perf_counter()
+            loaded = list(pool.map(lambda q: call(url, {"input_value": q})[0],
+                                   [questions[i % args.requests] for i in range(args.requests)]))
+            wall = time.perf_counter() - start
+        rows.append({"measure": f"lfx serve, concurrency {args.concurrency}", "workers": workers,
+                     "requests": len(loaded), "median_s": statistics.median(loaded),
+                     "p99_s": common.percentile(loaded, 99), "answers_per_s": len(loaded) / wall, "startup_s": startup})
+        return rows
+    finally:
+        stop(proc)
+
+
 def run(args) -> dict:
     if not FLOW.exists():
-        reason = f"not available yet: {FLOW.relative_to(common.ROOT)} does not exist (the Langflow flows come later)"
+        reason = f"not available: {FLOW.relative_to(common.ROOT)} does not exist"
         print(reason)
         return {"skipped": reason}
     import torch
@@ -103,57 +139,35 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = [c.question for c in load_chains(args.data, "gsm8k", limit=args.requests + 8).chains]
+    questions = [c.question for c in load_chains(args.questions, "gsm8k", limit=args.requests + 1).chains]
+    workers = [int(w) for w in args.workers.split(",")]
     with common.overlay_home(args.home) as home:
         setup = common.setup_overlay(home, args.data)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(home, setup, port, args.threads)
-        try:
-            startup = wait_healthy(base, proc, home, args.startup_timeout)
-            flows = call(f"{base}/flows")[1]
-            flow_id = flows[0]["id"] if isinstance(flows[0], dict) else flows[0]
-            url = f"{base}/flows/{flow_id}/run"
-            _, reply = call(url, {"input_value": questions[-1]})  # warm: loads the selector in the server
-            if not reply.get("success", False):
-                raise RuntimeError(f"the flow run failed: {str(reply)[:500]}")
-            single = [call(url, {"input_value": q})[0] for q in questions[: args.requests]]
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                start = time.perf_counter()
-                loaded = list(pool.map(lambda q: call(url, {"input_value": q})[0],
-                                       [questions[i % len(questions)] for i in range(args.requests)]))
-                wall = time.perf_counter() - start
-        finally:
-            stop(proc)
+        rows = []
+        for i, w in enumerate(workers):
+            rows += serve(home, setup, args, w, questions, latency=i == 0)
         decoder = OverlayDecoder(setup.table, setup.model, setup.tokenizer, DecodeConfig(max_tokens=256))
         decoder.generate(questions[-1])
-        library = []
-        tokens = []
-        for q in questions[: args.requests]:
+        library, tokens = [], []
+        for q in questions[:args.requests]:
             start = time.perf_counter()
             tokens.append(decoder.generate(q).tokens)
             library.append(time.perf_counter() - start)
-    rows = [
-        {"measure": "lfx serve, one request at a time", "requests": len(single),
-         "median_s": statistics.median(single), "p99_s": common.percentile(single, 99),
-         "requests_per_s": len(single) / sum(single)},
-        {"measure": f"lfx serve, concurrency {args.concurrency}", "requests": len(loaded),
-         "median_s": statistics.median(loaded), "p99_s": common.percentile(loaded, 99),
-         "requests_per_s": len(loaded) / wall},
-        {"measure": "in-process OverlayDecoder.generate (peer)", "requests": len(library),
-         "median_s": statistics.median(library), "p99_s": common.percentile(library, 99),
-         "requests_per_s": len(library) / sum(library)},
-    ]
-    common.table(rows, ["measure", "requests", "median_s", "p99_s", "requests_per_s"],
-                 f"REST (flow {FLOW.name}, ~{statistics.mean(tokens):.0f} tokens per answer)")
-    return {"flow": FLOW.name, "threads": args.threads, "server_startup_s": startup, "concurrency": args.concurrency,
-            "rows": rows,
-            "mean_tokens": statistics.mean(tokens), "rest_overhead_s": rows[0]["median_s"] - rows[2]["median_s"]}
+    rows.append({"measure": "in-process OverlayDecoder.generate (peer)", "workers": None, "requests": len(library),
+                 "median_s": statistics.median(library), "p99_s": common.percentile(library, 99),
+                 "answers_per_s": len(library) / sum(library)})
+    common.table(rows, ["measure", "workers", "requests", "median_s", "p99_s", "answers_per_s"],
+                 f"REST (flow {FLOW.name}, {Path(args.questions).name}, ~{statistics.mean(tokens):.0f} tokens per answer)")
+    return {"flow": FLOW.name, "questions": Path(args.questions).name, "threads": args.threads,
+            "concurrency": args.concurrency, "workers": workers, "rows": rows, "mean_tokens": statistics.mean(tokens),
+            "rest_overhead_s": rows[0]["median_s"] - rows[-1]["median_s"]}
 
 
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--questions", type=Path, default=common.default_questions(), help="GSM8K-style JSONL to ask")
     p.add_argument("--requests", type=int, default=16, help="requests per measurement")
+    p.add_argument("--workers", default="1,2", help="lfx serve worker counts to measure, comma-separated")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients in the throughput run")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the server (OMP_NUM_THREADS) and the in-process peer; 0 = torch's default")

@@ -1,7 +1,8 @@
 """Shared helpers for the benchmark scripts: setup, timing, machine description, JSON results, tables.
 
 Every script runs as a command, measures its peer in the same run (this machine's absolute speed drifts
-while other jobs share it) and writes ``benchmarks/results/<name>.json``. Setup (a table from a GSM8K-style
+while other jobs share it) and writes ``benchmarks/results/performance/<name>.json`` (committed: the published
+figures are rendered from these files by ``report.py``). Setup (a table from a GSM8K-style
 file plus a small trained selector) lives under a temporary ``OVERLAY_HOME`` with its own embedded Redis;
 ``--home DIR`` keeps and reuses it (``run_all.py`` passes one home to every script).
 """
@@ -15,6 +16,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +27,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+PERFORMANCE = RESULTS / "performance"  # this suite's result files, committed
 SHARED_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 SAMPLE_TRAIN = ROOT / "examples" / "data" / "gsm8k_train_sample.jsonl"
+SHARED_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+SAMPLE_TEST = ROOT / "examples" / "data" / "gsm8k_test_sample.jsonl"
 DOMAIN = "bench"
+LOAD_AT_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # when the script started
 
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout without installing
     sys.path.insert(0, str(ROOT))
@@ -36,6 +42,11 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 def default_data() -> Path:
     """The full GSM8K train file next to the checkout when present, else the shipped sample."""
     return SHARED_TRAIN if SHARED_TRAIN.exists() else SAMPLE_TRAIN
+
+
+def default_questions() -> Path:
+    """The GSM8K test file next to the checkout when present, else the shipped test sample."""
+    return SHARED_TEST if SHARED_TEST.exists() else SAMPLE_TEST
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -212,20 +223,41 @@ def machine() -> dict[str, Any]:
     out = {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
            "torch": torch.__version__, "redis_py": redis.__version__, "platform": platform.platform(),
            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+           "load_avg_1_5_15m": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+           "load_avg_at_start": LOAD_AT_START,
            "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
 
 
+def command_line(argv: Sequence[str] = sys.argv) -> str:
+    """The command that ran, as typed from the checkout: ``python`` + arguments, absolute paths made relative."""
+    args = [os.path.relpath(a, ROOT) if os.path.isabs(a) and os.path.exists(a) else a for a in argv]
+    return " ".join(["python", *args])
+
+
+def versions() -> dict[str, str]:
+    """The package's commit and the versions of what the figures depend on."""
+    import numpy
+    import transformers
+
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    return {"commit": commit, "numpy": numpy.__version__, "transformers": transformers.__version__}
+
+
 def write_json(name: str, payload: dict[str, Any], enabled: bool = True) -> Path | None:
-    """Write ``payload`` (plus the machine and a timestamp) to benchmarks/results/<name>.json."""
+    """Write ``payload`` with the command, the machine (load averages included), versions and the time to
+    benchmarks/results/performance/<name>.json."""
     if not enabled:
         return None
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    doc = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-           "machine": machine()} | payload
+    PERFORMANCE.mkdir(parents=True, exist_ok=True)
+    path = PERFORMANCE / f"{name}.json"
+    doc = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
+           "machine": machine(), "versions": versions()} | payload
     path.write_text(json.dumps(doc, indent=2, default=_jsonable))
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

@@ -3,13 +3,14 @@
 Each script runs as its own process (``python benchmarks/<script>.py``) with the same ``--data`` and one
 shared ``--home`` (a temporary OVERLAY_HOME with its embedded Redis, removed at the end unless ``--home`` is
 given), so the table and the small selector are built once. GPU batch decoding runs only where CUDA is
-present (the script says so otherwise). Results land in ``benchmarks/results/<name>.json`` and a combined
-``summary.json``, and all of it as Markdown in ``summary.md`` (``report.py``). Defaults finish in about
-10 minutes on 2 CPU cores; ``--full`` runs the full-size settings (decode with more samples, 50k neighbour
-lookups, training on all 7,473 chains for 2,000 steps, 32 REST requests).
+present (the script says so otherwise). Results land in ``benchmarks/results/performance/<name>.json`` (committed;
+``report.py --write`` publishes them), a combined ``benchmarks/results/summary.json`` and all of it as Markdown in
+``benchmarks/results/summary.md``. Defaults finish in about 20 minutes on 2 idle CPU cores; ``--full`` runs the
+full-size settings (decode with more samples and a 6 × 384 shape, torch.compile in the step comparison, 64
+answers, 50k neighbour lookups and the whole table on the cluster, training on all 7,473 chains, 32 REST requests).
 
     python benchmarks/run_all.py --data ../shared/data/gsm8k/train.jsonl
-    python benchmarks/run_all.py --full --only decode,table_build
+    python benchmarks/run_all.py --full --only decode,step
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import common
 import report
 
 SCRIPTS = {
-    "decode": ("bench_decode.py", ["--shapes", "2x128,4x256"], ["--shapes", "2x128,4x256", "--samples", "16", "--tokens", "64", "--repeats", "3"]),
-    "neighbours": ("bench_neighbours.py", [], ["--contexts", "50000"]),
+    "decode": ("bench_decode.py", ["--shapes", "2x128,4x256"], ["--shapes", "2x128,4x256,6x384", "--samples", "16", "--tokens", "64", "--repeats", "3"]),
+    "step": ("bench_step.py", ["--no-compile"], []),
+    "answers": ("bench_answers.py", [], ["--count", "64"]),
+    "neighbours": ("bench_neighbours.py", [], ["--contexts", "50000", "--cluster-chains", "7473"]),
     "table_build": ("bench_table_build.py", [], ["--scale", "10"]),
     "train": ("bench_train.py", [], ["--chains", "7473", "--steps", "2000", "--eval-every", "200", "--target", "0.5"]),
     "gpu": ("bench_gpu.py", [], ["--tokens", "256"]),
@@ -42,6 +45,10 @@ def headline(name: str, doc: dict) -> str:
         return f"skipped: {doc['skipped']}"
     if name == "decode":
         return "; ".join(f"{t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'})" for t in doc["targets"])
+    if name == "step":
+        return "; ".join(f"{r['shape']} {r['method']}: {r['median_us']:.0f} µs" for r in doc["rows"])
+    if name == "answers":
+        return "; ".join(f"{r['decoder']}: {r['median_s']:.3f} s per answer" for r in doc["summary"])
     if name == "neighbours":
         s = {(r["method"], r["batch"]): r["lookups_per_s"] for r in doc["summary"]}
         return ", ".join(f"{m} b{b}: {v:,.0f}/s" for (m, b), v in s.items())
@@ -54,7 +61,8 @@ def headline(name: str, doc: dict) -> str:
     if name == "gpu":
         return "; ".join(f"{r['dtype']} b{r['batch']}: {r['tokens_per_s']:,.0f} tok/s" for r in doc["rows"])
     if name == "rest":
-        return "; ".join(f"{r['measure']}: {r['median_s']:.2f} s median, {r['requests_per_s']:.2f} req/s" for r in doc["rows"])
+        return "; ".join(f"{r['measure']} ({r['workers']} workers): {r['median_s']:.2f} s median, "
+                         f"{r['answers_per_s']:.2f} answers/s" for r in doc["rows"])
     return ""
 
 
@@ -79,7 +87,7 @@ def main() -> None:
             start = time.perf_counter()
             rc = subprocess.call(cmd, cwd=common.ROOT)
             seconds = time.perf_counter() - start
-            path = common.RESULTS / f"{name}.json"
+            path = common.PERFORMANCE / f"{name}.json"
             doc = json.loads(path.read_text()) if rc == 0 and path.exists() else {}
             status[name] = {"rc": rc, "seconds": round(seconds, 1), "headline": headline(name, doc) if doc else "failed"}
     finally:
@@ -89,7 +97,7 @@ def main() -> None:
     (common.RESULTS / "summary.json").write_text(json.dumps({"machine": common.machine(), "full": args.full,
                                                              "benchmarks": status}, indent=2))
     (common.RESULTS / "summary.md").write_text(report.render())
-    print(f"\n=== summary (Markdown of every result: {common.RESULTS / 'summary.md'})")
+    print(f"\n=== summary (Markdown of every result: {common.RESULTS / 'summary.md'}; publish: report.py --write)")
     for name, s in status.items():
         print(f"{name:12s} rc={s['rc']} {s['seconds']:7.1f} s  {s['headline']}")
     sys.exit(1 if any(s["rc"] for s in status.values()) else 0)

@@ -135,7 +135,7 @@ def choose_index(logp: torch.Tensor | list[float], temperature: float = 0.0, top
     candidates, seeded by (seed, position) so a resumed chain makes the same choices."""
     values = _masked(logp, allowed)
     if temperature == 0:
-        return max(range(len(values)), key=values.__getitem__)
+        return values.index(max(values))
     probs = torch.softmax(torch.tensor(values) / temperature, dim=-1)
     order = torch.argsort(probs, descending=True)
     cum = torch.cumsum(probs[order], 0)
@@ -242,20 +242,33 @@ class OverlayDecoder:
         for t in out or ():
             self._emit(state, t, injected=True)
 
-    def _penalty(self, state: DecodeState, cands: list[int], n: int) -> torch.Tensor | None:
-        """Repetition cost per candidate (n of them; copies cost nothing): ln(penalty) × its uses among the recent
-        generated words. Only word tokens count (digits, operators and tags repeat legitimately, e.g. a CHECK
-        restating an ACTION), which breaks the "hats hats hats" loops small greedy models fall into.
+    def _penalty(self, state: DecodeState, cands: list[int], values: list[float]) -> list[float]:
+        """``values`` (the candidates' log-probs, then the copies') less each candidate's repetition cost, ln(penalty) ×
+        its uses among the recent generated words, in float32 as the scores are (the same numbers as a tensor
+        subtraction); copies cost nothing. Only word tokens count (digits, operators and tags repeat legitimately,
+        e.g. a CHECK restating an ACTION), which breaks the "hats hats hats" loops small greedy models fall into.
         """
         if not self.rep_cost or not self.config.repetition_window:
-            return None
+            return values
         recent = state.ids[max(state.prompt_len, len(state.ids) - self.config.repetition_window):]
         wordlike = self.wordlike
         present = {c for c in set(recent).intersection(cands) if wordlike[c]}
         if not present:
-            return None
-        counts = [recent.count(c) if c in present else 0 for c in cands] + [0] * (n - len(cands))
-        return torch.tensor(counts, dtype=torch.float) * self.rep_cost
+            return values
+        cost = np.float32(self.rep_cost)
+        adjusted = list(values)
+        for i, c in enumerate(cands):
+            if c in present:
+                adjusted[i] = float(np.float32(values[i]) - np.float32(recent.count(c)) * cost)
+        return adjusted
+
+    def _offered(self, copies: list[tuple[str, str]]) -> list[str]:
+        """The copy values offered, as "source:value" for the trace. The question-aware scorer hands out the same list
+        while a chain's copy values do not change, so the labels are made once per change, not once per token."""
+        memo = self.__dict__.get("_offered_memo")
+        if memo is None or memo[0] is not copies:
+            memo = self.__dict__["_offered_memo"] = (copies, [f"{src}:{value}" for value, src in copies])
+        return memo[1]
 
     def _allowed(self, state: DecodeState, cands: list[int], copies: int) -> list[bool]:
         """Mask of candidates the grammar allows: no PAD/UNK/BOS/<Q>, <RESULT> only to close an ACTION; a copied
@@ -298,9 +311,8 @@ class OverlayDecoder:
                     qa.push(mem, BOS_ID)
                 for token in state.ids[state.memory + mem.consumed - 1:]:  # only what the memory has not read
                     qa.push(mem, token)
-                logits, copies = qa.scores(mem, nb.ids)
-                row = torch.from_numpy(np.concatenate([logits, np.asarray([c[1] for c in copies], np.float32)]))
-                out.append((self._mix(torch.log_softmax(row, -1), nb), [(c[0], c[2]) for c in copies]))
+                logp, copies = qa.log_probs(mem, nb.ids)
+                out.append((self._mix(torch.from_numpy(logp), nb), copies))
             return out
         if cached is not None and len(states) == 1:  # one chain: its own keys/values, one new row per block
             state = states[0]
@@ -356,13 +368,14 @@ class OverlayDecoder:
             prof["selector"] += t0 - t1
         for state, nb, (logp, copies) in zip(states, neighbours, scores):
             n_table = len(nb.ids)
+            values = logp.tolist()  # the choice works on floats: one conversion per token
             allowed = self._allowed(state, nb.ids, len(copies))
-            penalty = self._penalty(state, nb.ids, len(logp))
-            adjusted = logp - penalty if penalty is not None else logp
+            adjusted = self._penalty(state, nb.ids, values)
             temperature, top_p, seed = state.sampling or (self.config.temperature, self.config.top_p, self.config.seed)
-            choice = choose_index(adjusted, temperature, top_p, seed, len(state.ids), allowed)
-            margin = choice_margin(adjusted, allowed, choice)
-            score = float(logp[choice])
+            masked = _masked(adjusted, allowed)  # once for the choice and its margin
+            choice = choose_index(masked, temperature, top_p, seed, len(state.ids))
+            margin = choice_margin(masked, None, choice)
+            score = values[choice]
             if choice < n_table:
                 tokens, source = [nb.ids[choice]], "table"
             else:
@@ -376,7 +389,7 @@ class OverlayDecoder:
                 tokens = [IDS[EOS]]  # a new step after a finished answer ends the chain: the stray tag is not kept
             if tokens[0] in TAG_IDS and tokens[0] != IDS[RESULT] and tag == "ACTION":
                 self._emit(state, IDS[RESULT], injected=True)
-            offered = [f"{src}:{value}" for value, src in copies]
+            offered = self._offered(copies)
             self._emit(state, tokens[0], injected=False, cands=nb.ids, rank=choice, score=score, margin=margin,
                        weight=nb.weights[choice] if choice < n_table else 0.0, order=nb.order, source=source,
                        copies=offered)
