@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import time
 from pathlib import Path
 from typing import Any
 
+import common
+import report
 from overlay.generation import generation_markdown
 
 ROOT = Path(__file__).resolve().parent / "results"
@@ -32,16 +32,9 @@ START, END = "<!-- reasoning:start -->", "<!-- reasoning:end -->"
 PARTS = {"generation": "", "variants": " — held-out variants"}
 
 
-def machine() -> str:
-    """CPU model, core count and Python version of this machine."""
-    cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")), "") if cpuinfo.exists() else ""
-    return f"{model or platform.machine()}, {os.cpu_count()} cores, CPU only, Python {platform.python_version()}"
-
-
 def _stamp(name: str, command: str) -> dict[str, str]:
-    return {"name": name, "command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    return {"name": name, "command": command, "date": time.strftime("%Y-%m-%d"),
+            "machine": report.machine_line(common.machine())}
 
 
 def _write(folder: Path, name: str, data: dict[str, Any]) -> Path:
@@ -182,10 +175,7 @@ def full(where: str) -> str:
 
 
 def _replace(path: Path, text: str) -> None:
-    doc = path.read_text()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{path} has no {START} … {END} section")
-    path.write_text(re.sub(f"{re.escape(START)}.*?{re.escape(END)}", lambda _: f"{START}\n{text}\n{END}", doc, flags=re.S))
+    path.write_text(report.splice(path.read_text(), text, START, END))
 
 
 def main() -> None:
