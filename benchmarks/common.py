@@ -232,20 +232,25 @@ def machine() -> dict[str, Any]:
 
 
 def command_line(argv: Sequence[str] = sys.argv) -> str:
-    """The command that ran, as typed from the checkout: ``python`` + arguments, absolute paths made relative."""
-    args = [os.path.relpath(a, ROOT) if os.path.isabs(a) and os.path.exists(a) else a for a in argv]
+    """The command that ran, as typed from the checkout: ``python`` + arguments, paths next to the checkout (the
+    scripts, ``../shared/data/…``) relative to it."""
+    args = [os.path.relpath(a, ROOT) if os.path.isabs(a) and Path(a).is_relative_to(ROOT.parent) else a for a in argv]
     return " ".join(["python", *args])
 
 
 def versions() -> dict[str, str]:
-    """The package's commit and the versions of what the figures depend on."""
+    """The checkout's commit (``+changes`` when tracked files differ from it) and the versions of what the figures
+    depend on."""
     import numpy
     import transformers
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
     commit = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        commit += "+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else ""
     return {"commit": commit, "numpy": numpy.__version__, "transformers": transformers.__version__}
 
 

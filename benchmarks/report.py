@@ -1,11 +1,13 @@
-"""Render the JSON under ``benchmarks/results/`` as Markdown: the machine, every benchmark's table, the targets.
+"""Render the committed performance results (``benchmarks/results/performance/*.json``) as Markdown.
 
-``run_all.py`` writes the result to ``benchmarks/results/summary.md``; ``--into FILE`` replaces the text
-between ``<!-- results:start -->`` and ``<!-- results:end -->`` in FILE (how ``docs/performance.md`` is
-refreshed after a run), so published figures are always a script's output, never retyped.
+Three places hold published speed figures, each between markers, each rewritten only by this script:
+docs/performance.md (every table, between ``<!-- results:start -->`` and ``<!-- results:end -->``), README's
+performance section (one summary table, ``<!-- performance:start -->`` … ``<!-- performance:end -->``) and the REST
+paragraph of docs/langflow.md (``<!-- rest:start -->`` … ``<!-- rest:end -->``). Every block names the command,
+date, machine and load of the file it comes from, so no figure is typed by hand.
 
-    python benchmarks/report.py                       # print
-    python benchmarks/report.py --into docs/performance.md
+    python benchmarks/report.py                     # print docs/performance.md's tables
+    python benchmarks/report.py --write             # rewrite all three places from the result files
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from typing import Any
 import common
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
+REST_START, REST_END = "<!-- rest:start -->", "<!-- rest:end -->"
+TARGETS = {"docs/performance.md": (START, END), "README.md": (README_START, README_END),
+           "docs/langflow.md": (REST_START, REST_END)}
 
 
 def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -30,46 +36,106 @@ def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]])
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    """One line naming the machine a result came from."""
+    """One line naming the machine a result came from and how loaded it was."""
+    load = m.get("load_avg_at_start")
+    start = f"{load[0]:.1f} at the start, " if load else ""
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory', '?')}, torch {m.get('torch', '?')}, "
-            f"redis-py {m.get('redis_py', '?')}, Python {m.get('python', '?')}; 1-minute load {m.get('load_avg_1m', 0):.1f}")
+            f"redis-py {m.get('redis_py', '?')}, Python {m.get('python', '?')}; 1-minute load {start}"
+            f"{m.get('load_avg_1m', 0):.1f} at the end")
+
+
+def source(doc: dict[str, Any], prefix: str = "") -> str:
+    """Where a block's figures come from: command, date, machine and load, and the file (linked from ``prefix``)."""
+    name = f"{doc['benchmark']}.json"
+    link = f"{prefix}benchmarks/results/performance/{name}"
+    return f"<sub>`{doc['command']}` · {doc['when']} · {machine_line(doc['machine'])} · [{name}]({link})</sub>\n"
+
+
+def load(results: Path = common.PERFORMANCE) -> dict[str, dict[str, Any]]:
+    """Every result file present, by benchmark name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.1f}×" if value else "–"
+
+
+def _met(t: dict[str, Any]) -> dict[str, Any]:
+    return t | {"met": "met" if t["met"] else "**missed**"}
 
 
 def decode_section(d: dict[str, Any]) -> str:
     """Per-token times with ratios, the targets, and the per-stage breakdown."""
-    rows = [r | {"speedup": f"{r['speedup_vs_hf']:.1f}×" if r.get("speedup_vs_hf") else "–"} for r in d["results"]]
-    out = [f"### Decode cost per token (batch 1, CPU, {d['threads']} torch thread)",
-           f"{d['samples']} chains × {d['tokens']} timed "
-           f"tokens per position and repeat, {d['repeats']} repeats, overlay and `generate()` interleaved on the same "
-           "context.", "",
-           md_table(rows, [("shape", "layers×width"), ("method", "method"), ("position", "position"),
-                           ("median_ms", "median ms"), ("p99_ms", "p99 ms"), ("vs_first_position", "÷ first position"),
-                           ("speedup", "generate() ÷ this")]), "",
-           md_table([t | {"met": "met" if t["met"] else "**missed**"} for t in d["targets"]],
-                    [("target", "target"), ("measured", "measured"), ("met", "")]), ""]
+    rows = [r | {"speedup": _ratio(r.get("speedup_vs_hf"))} for r in d["results"]]
     med = [r for r in d["breakdown_us"] if r["stat"] == "median"]
-    names = ["lookup", "selector", "choose", "accumulator", "router", "stop_rules", "total"]
-    out += ["Where the overlay's time goes (µs per token, medians, cache on, stage counters on):", "",
-            md_table(med, [("shape", "layers×width"), ("position", "position"), *((n, n) for n in names)]), ""]
-    e2e = d.get("end_to_end")
-    if e2e:
-        out += [f"Whole chains through `OverlayDecoder.generate` ({e2e['questions']} questions, greedy): "
-                f"{e2e['tokens_per_s']:,.0f} tokens/s, {e2e['ms_per_token']:.3f} ms per token.", ""]
-    return "\n".join(out)
+    stages = [("lookup", "table lookup"), ("kernel", "selector arithmetic (C kernel)"),
+              ("selector_python", "selector, Python + NumPy"), ("choose", "choice"), ("accumulator", "accumulator"),
+              ("router", "router"), ("stop_rules", "stop rules"), ("total", "total")]
+    return "\n".join([
+        f"### Decode cost per token (batch 1, CPU, {d['threads']} torch thread, {d['selector']} selector)",
+        f"{d['samples']} chains × {d['tokens']} timed tokens per position and repeat, {d['repeats']} repeats; overlay "
+        "(compiled step; NumPy step; no table cache) and `generate()` interleaved on the same contexts.", "",
+        md_table(rows, [("shape", "layers×width"), ("method", "method"), ("position", "position"),
+                        ("median_ms", "median ms"), ("p99_ms", "p99 ms"), ("vs_first_position", "÷ first position"),
+                        ("speedup", "generate() ÷ this")]), "",
+        md_table([_met(t) for t in d["targets"]], [("target", "target"), ("measured", "measured"), ("met", "")]), "",
+        "Where the overlay's time goes (µs per token, medians of each stage over the same steps, table cache on, "
+        "stage counters on):", "",
+        md_table(med, [("shape", "layers×width"), ("position", "position"), *stages]), ""])
+
+
+def step_section(d: dict[str, Any]) -> str:
+    """The selector's per-token step alone, by implementation, with its difference from the NumPy fallback."""
+    rows = [r | {"speedup": _ratio(r["speedup_vs_numpy"])} for r in d["rows"]]
+    lines = [f"### The selector's step alone, by implementation (batch 1, CPU, {d['threads']} torch thread)",
+             f"{d['tokens']} steps × {d['repeats']} repeats per implementation, interleaved; question of "
+             f"{d['question_tokens']} tokens in memory, result slots filled. Kernel flags: `{d['kernel_flags']}`.", "",
+             md_table(rows, [("shape", "layers×width"), ("method", "implementation"), ("median_us", "median µs"),
+                             ("p10_us", "p10 µs"), ("speedup", "NumPy ÷ this"),
+                             ("max_abs_diff_vs_numpy", "max abs diff vs NumPy")]), ""]
+    lines += [f"{name}: {why}." for name, why in d.get("not_timed", {}).items()]
+    return "\n".join(lines + [""])
+
+
+def answers_section(d: dict[str, Any]) -> str:
+    """Seconds per answer in process, overlay against the peer on chains of the same length."""
+    return "\n".join([
+        f"### Seconds per answer, in process ({d['count']} questions of {d['questions']}, {d['shape']})",
+        f"Greedy chains of at most {d['max_tokens']} tokens, {d['mean_tokens']:.0f} tokens per answer on average; the "
+        f"peer decodes a chain of the same length from the same prompt. Peer ÷ overlay: "
+        f"**{_ratio(d['peer_over_overlay'])}**.", "",
+        md_table(d["summary"], [("decoder", "decoder"), ("answers", "answers"), ("median_s", "median s"),
+                                ("mean_s", "mean s"), ("answers_per_s", "answers/s"), ("ms_per_token", "ms/token")]),
+        ""])
+
+
+def rest_section(d: dict[str, Any]) -> str:
+    """``lfx serve`` latency and throughput by worker count, with the in-process peer."""
+    return "\n".join([
+        f"### REST (`lfx serve` {d['flow']}, {d['questions']}, {d['mean_tokens']:.0f} tokens per answer on average)",
+        "", md_table(d["rows"], [("measure", "measure"), ("workers", "workers"), ("requests", "requests"),
+                                 ("failed", "failed"), ("median_s", "median s"), ("p99_s", "p99 s"),
+                                 ("answers_per_s", "answers/s")]), ""])
 
 
 def neighbours_section(d: dict[str, Any]) -> str:
-    """Lookups per second against raw pipelined ZREVRANGE, with and without the client-side cache."""
-    return "\n".join([
-        f"### GetNeighbours (K = {d['k']}, {d['contexts']:,} lookups over {d['distinct_contexts']:,} distinct contexts)",
-        f"Redis {d['redis_server']}; cache hit rate {d['cache_hit_rate']:.2f}; "
-        f"redis-py's own client-side caching: {d['redis_py_client_side_caching']}.", "",
-        md_table(d["summary"], [("method", "method"), ("batch", "batch"), ("lookups_per_s", "lookups/s"),
-                                ("vs_raw_zrevrange", "÷ raw ZREVRANGE")]), ""])
+    """Lookups per second against raw pipelined ZREVRANGE, and on a cluster against one server."""
+    out = [f"### GetNeighbours (K = {d['k']}, {d['contexts']:,} lookups over {d['distinct_contexts']:,} distinct contexts)",
+           f"Redis {d['redis_server']}, embedded (unix socket); cache hit rate {d['cache_hit_rate']:.2f}; redis-py's own "
+           f"client-side caching: {d['redis_py_client_side_caching']}.", "",
+           md_table(d["summary"], [("method", "method"), ("batch", "batch"), ("lookups_per_s", "lookups/s"),
+                                   ("vs_raw_zrevrange", "÷ raw ZREVRANGE")]), ""]
+    c = d.get("cluster")
+    if c:
+        out += [f"At scale: the same {c['contexts']:,} lookups (cache off) on a {c['nodes']}-node Redis Cluster and on "
+                f"one server, both on loopback TCP, each holding the table of the first {c['chains']:,} chains.", "",
+                md_table(c["summary"], [("server", "server"), ("batch", "batch"), ("lookups_per_s", "lookups/s"),
+                                        ("vs_one_server", "÷ one server")]), ""]
+    return "\n".join(out)
 
 
 def table_build_section(d: dict[str, Any]) -> str:
-    """Build throughput and Redis memory per entry, full train and the larger variant corpus."""
+    """Build throughput and Redis memory per entry."""
     return "\n".join([
         f"### Table build (max order {d['max_order']}, vocabulary {d['vocab_size']:,})", "",
         md_table(d["builds"], [("corpus", "corpus"), ("tokens", "tokens"), ("contexts", "contexts"),
@@ -99,29 +165,108 @@ def gpu_section(d: dict[str, Any]) -> str:
                                            ("selector_only_windows_per_s", "selector alone, windows/s")]), ""])
 
 
-def rest_section(d: dict[str, Any]) -> str:
-    """``lfx serve`` latency and throughput, with the in-process peer."""
+SECTIONS = {"decode": decode_section, "step": step_section, "answers": answers_section, "rest": rest_section,
+            "neighbours": neighbours_section, "table_build": table_build_section, "train": train_section,
+            "gpu": gpu_section}
+
+
+def render(results: Path = common.PERFORMANCE, prefix: str = "../") -> str:
+    """docs/performance.md's results: every result file present, each section with its source line."""
+    docs = load(results)
+    return "\n".join(section(docs[name]) + "\n" + source(docs[name], prefix) for name, section in SECTIONS.items()
+                     if name in docs)
+
+
+def _by(rows: list[dict[str, Any]], **keys: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in keys.items())), None)
+
+
+def _join(values: list[float | None], fmt: str) -> str:
+    return " / ".join(format(v, fmt) if v is not None else "–" for v in values)
+
+
+def readme(results: Path = common.PERFORMANCE) -> str:
+    """README's summary: the headline figure of each benchmark beside its peer in the same run, then the sources."""
+    docs = load(results)
+    rows: list[tuple[str, str, str]] = []
+    if "decode" in docs:
+        d = docs["decode"]
+        shape, positions = d["shapes"][0], d["positions"]
+        at = {(r["method"], r["position"]): r for r in d["results"] if r["shape"] == shape}
+        ms = lambda m: [at[(m, p)]["median_ms"] if (m, p) in at else None for p in positions]  # noqa: E731
+        where = " / ".join(f"{p:,}" for p in positions)
+        rows.append((f"decode per token at position {where} ({shape}, batch 1)", f"{_join(ms('overlay'), '.3f')} ms",
+                     f"`generate()` of a same-size GPT-2, KV cache: {_join(ms('HF generate()'), '.3f')} ms"))
+        rows.append(("… with the NumPy fallback instead of the compiled step", f"{_join(ms('overlay, NumPy step'), '.3f')} ms", ""))
+        rows += [(f"target: {t['target']}", f"{t['measured']}: {'met' if t['met'] else '**missed**'}", "")
+                 for t in d["targets"]]
+    if "step" in docs:
+        d = docs["step"]
+        shape = d["rows"][0]["shape"]
+        k, n = _by(d["rows"], shape=shape, method="C kernel (default)"), _by(d["rows"], shape=shape, method="NumPy (fallback)")
+        if k and n:
+            rows.append((f"the selector's step alone ({shape})", f"{k['median_us']:.0f} µs (C kernel)",
+                         f"NumPy fallback: {n['median_us']:.0f} µs"))
+    if "answers" in docs:
+        d = docs["answers"]
+        o, p = d["summary"]
+        rows.append((f"seconds per answer, {d['questions']} ({d['count']} questions, in process)",
+                     f"{o['median_s']:.3f} s median, {o['answers_per_s']:.2f} answers/s",
+                     f"peer `generate()`, same chain lengths: {p['median_s']:.3f} s ({_ratio(d['peer_over_overlay'])})"))
+    if "rest" in docs and "rows" in docs["rest"]:
+        d = docs["rest"]
+        one = _by(d["rows"], measure="lfx serve, one request at a time")
+        peer = _by(d["rows"], measure="in-process OverlayDecoder.generate (peer)")
+        if one and peer:
+            rows.append(("REST, `lfx serve`, one answer", f"{one['median_s']:.2f} s median",
+                         f"in-process decoder: {peer['median_s']:.2f} s"))
+        conc = [r for r in d["rows"] if r["measure"].startswith("lfx serve, concurrency")]
+        if conc:
+            rows.append((f"REST, concurrency {d['concurrency']}, {' / '.join(str(r['workers']) for r in conc)} workers",
+                         f"{_join([r['answers_per_s'] for r in conc], '.2f')} answers/s", ""))
+    if "neighbours" in docs:
+        d = docs["neighbours"]
+        get = lambda m, b: (_by(d["summary"], method=m, batch=b) or {}).get("lookups_per_s")  # noqa: E731
+        batches = sorted({r["batch"] for r in d["summary"]})
+        rows.append((f"GetNeighbours, lookups/s, batch {' / '.join(map(str, batches))} (cache off)",
+                     _join([get("GetNeighbours, no cache", b) for b in batches], ",.0f"),
+                     f"raw pipelined `ZREVRANGE`: {_join([get('raw pipelined ZREVRANGE (redis-py)', b) for b in batches], ',.0f')}"))
+        c = d.get("cluster")
+        if c:
+            on = lambda s, b: (_by(c["summary"], server=s, batch=b) or {}).get("lookups_per_s")  # noqa: E731
+            rows.append((f"… on a {c['nodes']}-node Redis Cluster (TCP), batch {' / '.join(map(str, batches))}",
+                         _join([on("three-node cluster", b) for b in batches], ",.0f"),
+                         f"one server (TCP): {_join([on('one server', b) for b in batches], ',.0f')}"))
+    if "table_build" in docs:
+        builds = docs["table_build"]["builds"]
+        rows.append((f"table build: {' / '.join(b['corpus'] for b in builds)}",
+                     f"{_join([b['entries_per_s'] for b in builds], ',.0f')} entries/s; "
+                     f"{_join([b['bytes_per_entry'] for b in builds], '.0f')} bytes per entry", ""))
+    if "gpu" in docs and "skipped" in docs["gpu"]:
+        rows.append(("GPU batch decoding", f"not run: {docs['gpu']['skipped']}", ""))
+    table = ["| measure | figure | peer in the same run |", "|---|---|---|",
+             *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    sources = [source(docs[name], "") for name in SECTIONS if name in docs]
+    return "\n".join(table + [""] + sources)
+
+
+def langflow_rest(results: Path = common.PERFORMANCE) -> str:
+    """docs/langflow.md's REST paragraph: seconds per answer and answers per second by worker count."""
+    d = load(results).get("rest")
+    if not d or "rows" not in d:
+        return "No REST measurement is committed yet (`python benchmarks/bench_rest.py`)."
+    one = _by(d["rows"], measure="lfx serve, one request at a time")
+    peer = _by(d["rows"], measure="in-process OverlayDecoder.generate (peer)")
+    conc = [r for r in d["rows"] if r["measure"].startswith("lfx serve, concurrency")]
+    by_workers = ", ".join(f"**{r['answers_per_s']:.2f} answers/s** with {r['workers']} worker{'s' * (r['workers'] > 1)}"
+                           for r in conc)
     return "\n".join([
-        f"### REST (`lfx serve` {d['flow']}, one worker, {d['mean_tokens']:.0f} tokens per answer on average)", "",
-        md_table(d["rows"], [("measure", "measure"), ("requests", "requests"), ("median_s", "median s"),
-                             ("p99_s", "p99 s"), ("requests_per_s", "requests/s")]), ""])
-
-
-SECTIONS = {"decode": decode_section, "neighbours": neighbours_section, "table_build": table_build_section,
-            "train": train_section, "gpu": gpu_section, "rest": rest_section}
-
-
-def render(results: Path = common.RESULTS) -> str:
-    """Markdown for every result file present, each section naming its command and date."""
-    out = []
-    for name, section in SECTIONS.items():
-        path = results / f"{name}.json"
-        if not path.exists():
-            continue
-        doc = json.loads(path.read_text())
-        out.append(section(doc))
-        out.append(f"<sub>{doc.get('when', '')} · {machine_line(doc.get('machine', {}))}</sub>\n")
-    return "\n".join(out)
+        f"REST through `lfx serve` ({d['flow']}, the benchmark's 2-layer selector, {d['questions']} questions, "
+        f"{d['mean_tokens']:.0f} tokens per answer on average): one request at a time, median **{one['median_s']:.2f} s** "
+        f"per answer (the same questions decoded in process: {peer['median_s']:.2f} s; the rest is Langflow's graph "
+        f"build and HTTP); at concurrency {d['concurrency']}: {by_workers}. A worker runs one flow at a time, so "
+        "concurrency queues rather than overlaps; use `--workers N` (with `--flow-dir`) to serve more. All figures: "
+        "[docs/performance.md](performance.md).", "", source(d, "../")])
 
 
 def splice(text: str, body: str, start: str = START, end: str = END) -> str:
@@ -132,19 +277,35 @@ def splice(text: str, body: str, start: str = START, end: str = END) -> str:
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
+def rendered(results: Path = common.PERFORMANCE) -> dict[str, str]:
+    """What goes between the markers of each published file (paths relative to the checkout)."""
+    return {"docs/performance.md": render(results), "README.md": readme(results),
+            "docs/langflow.md": langflow_rest(results)}
+
+
+def write(root: Path = common.ROOT, results: Path = common.PERFORMANCE) -> list[Path]:
+    """Rewrite the marked sections of the three published files from the result files."""
+    out = []
+    for rel, body in rendered(results).items():
+        path = root / rel
+        start, end = TARGETS[rel]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(splice(path.read_text(), body, start, end))
+        tmp.replace(path)
+        out.append(path)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, default=common.RESULTS, help="folder with the benchmark JSON files")
-    p.add_argument("--into", type=Path, default=None, help="Markdown file whose result markers are replaced")
+    p.add_argument("--results", type=Path, default=common.PERFORMANCE, help="folder with the benchmark JSON files")
+    p.add_argument("--write", action="store_true", help="rewrite docs/performance.md, README.md and docs/langflow.md")
     args = p.parse_args()
-    body = render(args.results)
-    if args.into is None:
-        print(body)
+    if not args.write:
+        print(render(args.results))
         return
-    tmp = args.into.with_suffix(".tmp")
-    tmp.write_text(splice(args.into.read_text(), body))
-    tmp.replace(args.into)
-    print(f"wrote {args.into}")
+    for path in write(results=args.results):
+        print(f"wrote {path.relative_to(common.ROOT)}")
 
 
 if __name__ == "__main__":
