@@ -1,0 +1,353 @@
+"""Number roles: every number of a chain is the question's k-th number, the k-th tool result, or a constant.
+
+With roles a variant's chain is its source's token sequence, so a track found for a new question can be followed
+with that question's numbers. Two ambiguities are resolved deliberately: a value that an earlier calculation
+produced is that result (data flow, the latest such result), and a question number is bound to a new question's
+number by the words around it (its *anchor*), not by its position, because sentences reorder and values repeat.
+Numbers written as words ("three", "twice", "half", "a dozen") are question numbers too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from itertools import permutations
+
+from overlay.chains import ACTION, ANSWER, CHECK, RESULT, THOUGHT, Chain
+from overlay.tools import ToolError, calc
+
+UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+# Words that stand for a number in a question: multipliers (twice = ×2) and fractions by their divisor (half = /2),
+# as the chains compute with them.
+WORD_NUMBERS: dict[str, int] = {w: i for i, w in enumerate(UNITS)} | TENS | {
+    "hundred": 100, "thousand": 1000, "dozen": 12, "twice": 2, "double": 2, "thrice": 3, "triple": 3,
+    "half": 2, "halves": 2, "third": 3, "thirds": 3, "quarter": 4, "quarters": 4}
+_WORD_NUMBER = re.compile(r"\b(" + "|".join(sorted(TENS, key=len, reverse=True)) + r")-(" + "|".join(UNITS[1:10])
+                          + r")\b|\b(" + "|".join(sorted(WORD_NUMBERS, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+_DIGITS = re.compile(r"(?<![\w.])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\w)|(?<![\w.])\.(\d+)(?!\w)")
+_WORD = re.compile(r"[a-z]+|#")
+_SENTENCE_END = re.compile(r"[.!?;]\s")
+_ROLE = re.compile(r"\{([QR])(\d+)\}")
+_CHAIN_NUMBER = re.compile(r"(?<![\w.{])(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?![\w}])")
+ANCHOR_SPAN = 4  # words each side of a number that make its anchor
+STOP = frozenset("a an the of to and in on at for is was are were be it its by with as that this".split())
+# Capitalised words that start sentences but are not names (a name role binds the others).
+NOT_NAMES = frozenset(
+    "A An The If In On At How What When Where Which Who Why Each Every Some All After Before During Then There "
+    "This That These Those She He They It His Her Their Its We You I Mr Mrs Ms Dr If Of For To From With One Two "
+    "Three Four Five Six Seven Eight Nine Ten Monday Tuesday Wednesday Thursday Friday Saturday Sunday January "
+    "February March April May June July August September October November December Christmas Halloween".split())
+_NAME = re.compile(r"\b[A-Z][a-z]+\b")
+
+
+def number_value(text: str) -> str | None:
+    """Canonical value of a number literal (commas and '$' dropped, no trailing zeros), or None."""
+    try:
+        value = Decimal(text.replace(",", "").replace("$", ""))
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    value = value.normalize()
+    return format(value.quantize(Decimal(1)) if value == value.to_integral_value() else value, "f")
+
+
+@dataclass
+class QuestionNumber:
+    """One number of a question: its value, where it is, whether it was written as a word, and its anchor (the
+    words around it, weighted by closeness; the unit noun right after it weighs most)."""
+
+    value: str
+    start: int
+    end: int
+    word: bool
+    anchor: dict[str, float]
+
+
+def _anchor(text: str, start: int, end: int) -> dict[str, float]:
+    """Words of the number's sentence within ANCHOR_SPAN of it, weight 1/(1+distance); the next word counts double."""
+    left_end = max((m.end() for m in _SENTENCE_END.finditer(text, 0, start)), default=0)
+    right = _SENTENCE_END.search(text, end)
+    left = _WORD.findall(_mask(text[left_end:start]).lower())[-ANCHOR_SPAN:]
+    after = _WORD.findall(_mask(text[end:right.start() if right else len(text)]).lower())[:ANCHOR_SPAN]
+    anchor: dict[str, float] = {}
+    for d, w in enumerate(reversed(left)):
+        if w not in STOP:
+            anchor["<" + w] = anchor.get("<" + w, 0.0) + 1.0 / (1 + d)
+    for d, w in enumerate(after):
+        if w not in STOP:
+            anchor[">" + w] = anchor.get(">" + w, 0.0) + (2.0 if d == 0 else 1.0 / (1 + d))
+    return anchor
+
+
+def _mask(text: str) -> str:
+    """Text with every number (digits or number word) replaced by '#'."""
+    return _WORD_NUMBER.sub(" # ", _DIGITS.sub(" # ", text))
+
+
+def masked_question(question: str) -> str:
+    """The question with its numbers masked: what retrieval indexes, so variants with new numbers match."""
+    return " ".join(_mask(question).split())
+
+
+def question_numbers(question: str) -> list[QuestionNumber]:
+    """Every number of a question in order of appearance, digits and number words alike."""
+    found: list[tuple[int, int, str, bool]] = []
+    for m in _DIGITS.finditer(question):
+        value = number_value(m.group(0))
+        if value is not None:
+            found.append((m.start(), m.end(), value, False))
+    taken = [(s, e) for s, e, _, _ in found]
+    for m in _WORD_NUMBER.finditer(question):
+        if any(s < m.end() and m.start() < e for s, e in taken):
+            continue
+        if m.group(1):
+            value = TENS[m.group(1).lower()] + UNITS.index(m.group(2).lower())
+        else:
+            word = m.group(3).lower()
+            if word in ("one", "a") or (word in ("third", "quarter") and _ordinal(question, m.start())):
+                continue  # "one of them", "the third day": not quantities the chains compute with
+            value = WORD_NUMBERS[word]
+        found.append((m.start(), m.end(), str(value), True))
+    found.sort()
+    return [QuestionNumber(v, s, e, w, _anchor(question, s, e)) for s, e, v, w in found]
+
+
+def _ordinal(text: str, start: int) -> bool:
+    """True when the word at ``start`` follows "the" (an ordinal, not a fraction)."""
+    return text[max(0, start - 4):start].lower().strip() == "the"
+
+
+def names(question: str) -> list[str]:
+    """Capitalised words of a question that are not sentence words (the people and places a chain may name)."""
+    out: list[str] = []
+    for w in _NAME.findall(question):
+        if w not in NOT_NAMES and w not in out:
+            out.append(w)
+    return out
+
+
+@dataclass
+class AbstractChain:
+    """A chain with its numbers as roles: steps of (tag, text) where ``{Q3}`` is the question's third number,
+    ``{R1}`` the first tool result and other numbers are constants; the question numbers' values and anchors,
+    and the names the chain uses ("{N1}")."""
+
+    steps: list[tuple[str, str]]
+    numbers: list[QuestionNumber]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def used(self) -> list[int]:
+        """Question-number indexes (0-based) the chain refers to, in order of first use."""
+        seen: list[int] = []
+        for _, text in self.steps:
+            for kind, k in _ROLE.findall(text):
+                if kind == "Q" and int(k) - 1 not in seen:
+                    seen.append(int(k) - 1)
+        return seen
+
+    def to_dict(self) -> dict:
+        """Plain data for storing the track."""
+        return {"steps": [list(s) for s in self.steps], "names": self.names,
+                "numbers": [[n.value, n.start, n.end, int(n.word), n.anchor] for n in self.numbers]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> AbstractChain:
+        """Inverse of to_dict."""
+        return cls([(t, s) for t, s in data["steps"]],
+                   [QuestionNumber(v, s, e, bool(w), dict(a)) for v, s, e, w, a in data["numbers"]], list(data["names"]))
+
+
+def _context_words(text: str, start: int, end: int) -> dict[str, float]:
+    """Anchor-like bag for a number inside a step's text (for choosing among question numbers of equal value)."""
+    return _anchor(text, start, end)
+
+
+def similarity(a: Mapping[str, float], b: Mapping[str, float], idf: Mapping[str, float] | None = None) -> float:
+    """IDF-weighted cosine of two anchors (word sides ignored when sides differ: '<cost' and '>cost' half-match)."""
+    def weight(term: str) -> float:
+        return idf.get(term[1:], 1.0) if idf else 1.0
+
+    def vec(x: Mapping[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for term, w in x.items():
+            out[term] = out.get(term, 0.0) + w * weight(term)
+            out[term[1:]] = out.get(term[1:], 0.0) + 0.5 * w * weight(term)
+        return out
+
+    va, vb = vec(a), vec(b)
+    dot = sum(w * vb.get(t, 0.0) for t, w in va.items())
+    na, nb = math.sqrt(sum(w * w for w in va.values())), math.sqrt(sum(w * w for w in vb.values()))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def abstract_chain(chain: Chain) -> AbstractChain:
+    """Replace every number of the chain's steps by its role: the latest earlier tool result with that value, else the
+    question number of that value whose anchor best matches the words around it, else a constant."""
+    numbers = question_numbers(chain.question)
+    people = names(chain.question)
+    by_value: dict[str, list[int]] = {}
+    for i, n in enumerate(numbers):
+        by_value.setdefault(n.value, []).append(i)
+    results: list[str] = []
+    recent: dict[str, int] = {}  # value → question index chosen last in this step pair (THOUGHT then its ACTION)
+    steps: list[tuple[str, str]] = []
+
+    def role(text: str, m: re.Match, tag: str) -> str:
+        value = number_value(m.group(1))
+        if value is None:
+            return m.group(0)
+        if value in results:
+            return "{R%d}" % (len(results) - results[::-1].index(value))
+        options = by_value.get(value)
+        if not options:
+            return m.group(0)
+        if len(options) > 1 and tag != ACTION:
+            ctx = _context_words(text, m.start(), m.end())
+            best = max(options, key=lambda i: (similarity(ctx, numbers[i].anchor), -i))
+        else:
+            best = recent.get(value, options[0])
+        recent[value] = best
+        return "{Q%d}" % (best + 1)
+
+    for step in chain.steps:
+        if step.tag == RESULT:
+            value = number_value(step.text.strip())
+            results.append(value if value is not None else step.text.strip())
+            steps.append((RESULT, "{R%d}" % len(results)))
+            continue
+        if step.tag == THOUGHT:
+            recent = {}
+        text = _CHAIN_NUMBER.sub(lambda m: role(step.text, m, step.tag), step.text)
+        steps.append((step.tag, _name_roles(text, people)))
+    answer = _CHAIN_NUMBER.sub(lambda m: role(chain.answer, m, ANSWER), chain.answer)
+    steps.append((ANSWER, answer))
+    return AbstractChain(steps, numbers, people)
+
+
+def _name_roles(text: str, people: Sequence[str]) -> str:
+    """Names of the question in a step's text as {N1}, {N2}… (bound to the new question's names when followed)."""
+    for i, name in enumerate(people):
+        text = re.sub(rf"\b{re.escape(name)}\b", "{N%d}" % (i + 1), text)
+    return text
+
+
+@dataclass
+class Binding:
+    """Which of a new question's numbers each track number stands for (track index → question index), how well
+    the anchors agreed (mean similarity of the bound pairs, 0..1), and the names to use."""
+
+    slots: dict[int, int]
+    confidence: float
+    complete: bool
+    names: dict[int, str] = field(default_factory=dict)
+
+
+def bind(track: AbstractChain, question: str, idf: Mapping[str, float] | None = None,
+         numbers: Sequence[QuestionNumber] | None = None) -> Binding:
+    """Match the track's used question numbers one-to-one to this question's numbers by anchor similarity (best
+    total, ties by order of appearance), so a reordered sentence still binds the right number."""
+    numbers = list(numbers) if numbers is not None else question_numbers(question)
+    used = track.used
+    people = names(question)
+    name_map = {i: people[i] for i in range(min(len(people), len(track.names)))}
+    if not used:
+        return Binding({}, 1.0, True, name_map)
+    if len(numbers) < len(used):
+        return Binding({}, 0.0, False, name_map)
+    sim = [[similarity(track.numbers[t].anchor, n.anchor, idf) + _position_prior(t, j, track.numbers, numbers)
+            for j, n in enumerate(numbers)] for t in used]
+    pairs = _assign(sim)
+    confidence = sum(min(1.0, max(0.0, sim[i][j])) for i, j in pairs) / len(used)
+    return Binding({used[i]: j for i, j in pairs}, confidence, True, name_map)
+
+
+def _position_prior(t: int, j: int, track_numbers: Sequence[QuestionNumber], numbers: Sequence[QuestionNumber]) -> float:
+    """A small preference for the same relative position and the same written form (breaks ties between anchors)."""
+    rel = abs(t / max(1, len(track_numbers) - 1) - j / max(1, len(numbers) - 1)) if len(numbers) > 1 else 0.0
+    same_form = 0.02 if track_numbers[t].word == numbers[j].word else 0.0
+    return 0.05 * (1 - rel) + same_form
+
+
+def _assign(sim: list[list[float]]) -> list[tuple[int, int]]:
+    """Rows to distinct columns maximising the total: exhaustive for small problems, greedy beyond."""
+    rows, cols = len(sim), len(sim[0])
+    if rows <= 6 and cols <= 8:
+        best = max(permutations(range(cols), rows), key=lambda p: sum(sim[i][p[i]] for i in range(rows)))
+        return list(enumerate(best))
+    cells = sorted(((sim[i][j], i, j) for i in range(rows) for j in range(cols)), reverse=True)
+    taken_r, taken_c, out = set(), set(), []
+    for _, i, j in cells:
+        if i not in taken_r and j not in taken_c:
+            taken_r.add(i)
+            taken_c.add(j)
+            out.append((i, j))
+    return sorted(out)
+
+
+def fill(text: str, binding: Binding, numbers: Sequence[QuestionNumber], results: Sequence[str]) -> str | None:
+    """A step text with its roles replaced by this question's values; None when a role cannot be resolved yet."""
+    missing = False
+
+    def one(m: re.Match) -> str:
+        nonlocal missing
+        k = int(m.group(2)) - 1
+        if m.group(1) == "Q":
+            j = binding.slots.get(k)
+            if j is None:
+                missing = True
+                return m.group(0)
+            return numbers[j].value
+        if k >= len(results):
+            missing = True
+            return m.group(0)
+        return results[k]
+
+    out = _ROLE.sub(one, text)
+    out = re.sub(r"\{N(\d+)\}", lambda m: binding.names.get(int(m.group(1)) - 1, m.group(0)), out)
+    return None if missing else out
+
+
+def execute(track: AbstractChain, binding: Binding, numbers: Sequence[QuestionNumber]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Follow a track with this question's numbers and the calculator alone: (answer or None, filled steps)."""
+    results: list[str] = []
+    steps: list[tuple[str, str]] = []
+    for tag, text in track.steps:
+        if tag == RESULT:
+            continue
+        filled = fill(text, binding, numbers, results)
+        if filled is None:
+            return None, steps
+        steps.append((tag, filled))
+        if tag == ACTION:
+            m = re.fullmatch(r"CALL calc\((.*)\)", filled.strip())
+            try:
+                value = calc(m.group(1)) if m else None
+            except ToolError:
+                value = None
+            if value is None:
+                return None, steps
+            results.append(value)
+            steps.append((RESULT, value))
+    answer = steps[-1][1] if steps and steps[-1][0] == ANSWER else None
+    return answer, steps
+
+
+def check_roles(track: AbstractChain, chain: Chain) -> bool:
+    """True when following the abstract chain with its own question gives the chain's answer (the roles are right)."""
+    from overlay.chains import answers_match
+
+    binding = Binding({i: i for i in range(len(track.numbers))}, 1.0, True,
+                      {i: n for i, n in enumerate(track.names)})
+    answer, _ = execute(track, binding, track.numbers)
+    return answers_match(answer, chain.answer)
+
+
+__all__ = ["AbstractChain", "Binding", "QuestionNumber", "abstract_chain", "bind", "check_roles", "execute", "fill",
+           "masked_question", "names", "number_value", "question_numbers", "similarity"]

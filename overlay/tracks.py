@@ -1,0 +1,399 @@
+"""Track memory: the training chains stored so a new question can be routed into the one it resembles.
+
+Each training chain is a *track*: its question with numbers masked and its role-abstracted chain
+(``overlay.roles``). The memory lives in Redis beside the semantic-weight table, in the same version (written before
+the version is marked complete, so it is activated with the table by the same compare-and-set). Retrieval is BM25
+over number-masked question terms (words and word pairs): per shard one posting zset per term, weights precomputed,
+so GetTracks is one ZUNIONSTORE per shard in a server-side script: one pipelined round trip on a single server.
+Shards are hash-tagged by domain and shard number (not by version, so a learned version COPYs within its slot), and a
+cluster spreads them. A chooser (a small logistic model fitted at build time on training questions whose own track,
+or whole family, is left out) scores the retrieved tracks, so a poor track can be refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import numpy as np
+
+from overlay.chains import Chain, answers_match
+from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, execute, masked_question,
+                           question_numbers)
+from overlay.table import PREFIX, _text, _vkey, check_domain
+
+SHARDS = 4
+K1, B = 1.2, 0.75
+MAX_DF = 0.5  # query terms in more than this share of tracks carry no routing signal and are skipped
+QUERY_TERMS = 16  # the rarest terms of a question route it; more only cost server time (measured in bench_tracks)
+FEATURES = ("similarity", "gap", "rank", "binding", "complete", "executed", "same_count", "unused", "non_negative",
+            "whole", "agreement", "bias")
+
+TRACKS_SCRIPT = """
+local n = #KEYS - 1
+local tmp = KEYS[#KEYS]
+redis.call('ZUNIONSTORE', tmp, n, unpack(KEYS, 1, n))
+local top = redis.call('ZREVRANGE', tmp, 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+redis.call('DEL', tmp)
+local out = {}
+for i = 1, #top, 2 do
+  out[#out + 1] = top[i]
+  out[#out + 1] = top[i + 1]
+  out[#out + 1] = redis.call('GET', ARGV[2] .. top[i]) or ''
+end
+return out
+"""
+TRACKS_SHA = hashlib.sha1(TRACKS_SCRIPT.encode()).hexdigest()
+
+
+class TrackError(ValueError):
+    """A track memory that is missing, unreadable or asked for something it cannot give; the message says which."""
+
+
+def terms(question: str) -> Counter:
+    """Retrieval terms of a question: its number-masked words (lowercase) and word pairs."""
+    words = [w for w in "".join(c.lower() if c.isalnum() or c == "#" else " " for c in masked_question(question)).split()]
+    out = Counter(words)
+    out.update(f"{a}_{b}" for a, b in zip(words, words[1:]))
+    return out
+
+
+def _shard(track_id: str, shards: int) -> int:
+    return int(hashlib.md5(track_id.encode()).hexdigest()[:8], 16) % shards
+
+
+def _skey(domain: str, version: int, shard: int, suffix: str) -> str:
+    """A key of one shard of a version's track memory: hash-tagged by domain and shard, so versions of a shard share
+    a slot (COPY works on a cluster) and shards spread over a cluster's nodes."""
+    return _vkey(domain, version, f"t:{{{domain}:t{shard}}}:{suffix}")
+
+
+@dataclass
+class Track:
+    """One stored track: its id, family (the source chain it came from; variants share it), question, masked
+    question, the role-abstracted chain and the source's answer."""
+
+    id: str
+    family: str
+    question: str
+    chain: AbstractChain
+    answer: str
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "family": self.family, "question": self.question, "answer": self.answer,
+                           "chain": self.chain.to_dict()}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Track:
+        d = json.loads(text)
+        return cls(d["id"], d["family"], d["question"], AbstractChain.from_dict(d["chain"]), d["answer"])
+
+
+def make_tracks(chains: Sequence[Chain], families: Sequence[str] | None = None, prefix: str = "t") -> list[Track]:
+    """Tracks of chains whose roles reproduce their own answer (the others cannot be followed and are left out)."""
+    out = []
+    for i, chain in enumerate(chains):
+        abstract = abstract_chain(chain)
+        track = Track(f"{prefix}{i}", families[i] if families else f"{prefix}{i}", chain.question, abstract, chain.answer)
+        answer, _ = execute(abstract, Binding({k: k for k in range(len(abstract.numbers))}, 1.0, True), abstract.numbers)
+        if answers_match(answer, chain.answer):
+            out.append(track)
+    return out
+
+
+@dataclass
+class Index:
+    """BM25 weights of every track's terms, the terms' document frequencies and the collection size."""
+
+    weights: list[dict[str, float]]
+    df: Counter
+    n: int
+
+    @classmethod
+    def build(cls, questions: Sequence[str]) -> Index:
+        bags = [terms(q) for q in questions]
+        df = Counter(t for bag in bags for t in bag)
+        avg = sum(sum(b.values()) for b in bags) / max(1, len(bags))
+        n = len(bags)
+        weights = []
+        for bag in bags:
+            length = sum(bag.values())
+            norm = K1 * (1 - B + B * length / avg)
+            weights.append({t: idf(df[t], n) * tf * (K1 + 1) / (tf + norm) for t, tf in bag.items()})
+        return cls(weights, df, n)
+
+    def search(self, question: str, k: int, exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
+        """Top-k (track index, score) in memory: the same scores GetTracks computes in Redis (used to fit the chooser)."""
+        wanted = set(query_terms(question, self.df, self.n))
+        scores: Counter = Counter()
+        for i, w in enumerate(self.weights):
+            if i in exclude:
+                continue
+            s = sum(w[t] for t in wanted if t in w)
+            if s:
+                scores[i] = s
+        return scores.most_common(k)
+
+
+def idf(df: int, n: int) -> float:
+    """BM25's idf, floored at a small positive value."""
+    return max(0.01, math.log(1 + (n - df + 0.5) / (df + 0.5)))
+
+
+def query_terms(question: str, df: Mapping[str, int], n: int, limit: int = QUERY_TERMS) -> list[str]:
+    """The question's ``limit`` rarest indexed terms (rarest first): what a question is routed by."""
+    known = [t for t in terms(question) if 0 < df.get(t, 0) <= MAX_DF * n]
+    return sorted(known, key=lambda t: (df[t], t))[:limit]
+
+
+def max_score(question: str, df: Mapping[str, int], n: int) -> float:
+    """The score of a track whose terms are exactly the query's (each once, average length): normalises similarity."""
+    return sum(idf(df[t], n) for t in query_terms(question, df, n)) or 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing among retrieved tracks
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Retrieved:
+    """A track GetTracks returned for a question: its rank, similarity (BM25 over the best possible, 0..1), how its
+    numbers bound to the question's, the answer it gives when followed with the calculator, and the chooser's
+    probability that this answer is right."""
+
+    track: Track
+    rank: int
+    similarity: float
+    binding: Binding
+    answer: str | None
+    features: list[float] = field(default_factory=list)
+    p: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.track.id, "family": self.track.family, "rank": self.rank,
+                "similarity": round(self.similarity, 4), "binding": round(self.binding.confidence, 4),
+                "answer": self.answer, "p": round(self.p, 4), "question": self.track.question}
+
+
+def _as_number(value: str | None) -> Decimal | None:
+    try:
+        return Decimal(str(value).replace(",", "")) if value is not None else None
+    except InvalidOperation:
+        return None
+
+
+def featurise(found: list[Retrieved], numbers: Sequence[QuestionNumber]) -> None:
+    """Fill each retrieved track's features (FEATURES, in order)."""
+    top = found[0].similarity if found else 0.0
+    total = sum(r.similarity for r in found if r.answer is not None) or 1.0
+    whole_question = all(_as_number(n.value) == int(_as_number(n.value)) for n in numbers)
+    for r in found:
+        value = _as_number(r.answer)
+        agree = sum(o.similarity for o in found if o.answer is not None and r.answer is not None
+                    and answers_match(o.answer, r.answer)) / total
+        r.features = [r.similarity, r.similarity - top, r.rank / max(1, len(found)), r.binding.confidence,
+                      float(r.binding.complete), float(r.answer is not None),
+                      float(len(numbers) == len(r.track.chain.numbers)),
+                      (len(numbers) - len(r.track.chain.used)) / max(1, len(numbers)),
+                      float(value is not None and value >= 0),
+                      float(value is not None and (not whole_question or value == value.to_integral_value())),
+                      agree, 1.0]
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, x))))
+
+
+@dataclass
+class Chooser:
+    """Logistic weights over FEATURES: the probability that following a retrieved track answers right."""
+
+    weights: list[float]
+    threshold: float = 0.5
+
+    def score(self, found: list[Retrieved]) -> None:
+        for r in found:
+            r.p = _sigmoid(sum(w * f for w, f in zip(self.weights, r.features)))
+
+    def choose(self, found: list[Retrieved]) -> Retrieved | None:
+        """The most probable followable track, or None when even it is below the threshold (refused)."""
+        self.score(found)
+        best = max((r for r in found if r.answer is not None), key=lambda r: (r.p, -r.rank), default=None)
+        return best if best is not None and best.p >= self.threshold else None
+
+    @classmethod
+    def fit(cls, rows: np.ndarray, labels: np.ndarray, steps: int = 2000, lr: float = 0.5, l2: float = 1e-3) -> Chooser:
+        """Plain logistic regression by gradient descent (a dozen features, a few thousand rows)."""
+        w = np.zeros(rows.shape[1])
+        for _ in range(steps):
+            p = 1 / (1 + np.exp(-np.clip(rows @ w, -30, 30)))
+            w -= lr * (rows.T @ (p - labels) / len(labels) + l2 * w)
+        return cls([float(x) for x in w])
+
+
+DEFAULT_CHOOSER = Chooser([4.0, 2.0, -0.5, 2.0, 1.0, 2.0, 0.5, -1.0, 1.0, 0.5, 2.0, -5.0])
+
+
+def retrieved(question: str, hits: Sequence[tuple[Track, float]], idf_of: Mapping[str, float],
+              numbers: Sequence[QuestionNumber] | None = None) -> list[Retrieved]:
+    """Bind and follow each hit (track, similarity) for this question; features filled."""
+    numbers = list(numbers) if numbers is not None else question_numbers(question)
+    found = []
+    for rank, (track, sim) in enumerate(hits):
+        binding = bind(track.chain, question, idf_of, numbers)
+        answer = execute(track.chain, binding, numbers)[0] if binding.complete else None
+        found.append(Retrieved(track, rank, sim, binding, answer))
+    featurise(found, numbers)
+    return found
+
+
+def fit_chooser(tracks: Sequence[Track], index: Index, idf_of: Mapping[str, float], *, k: int = 5,
+                questions: int = 600, seed: int = 0, family_out: float = 0.5) -> tuple[Chooser, dict[str, Any]]:
+    """Fit the chooser on training questions retrieved against the other tracks: each question's own track is left
+    out, and for a share ``family_out`` its whole family too, so the chooser also learns what a poor match on a new
+    problem looks like. Returns the chooser and what it was fitted on."""
+    rng = random.Random(seed)
+    picks = rng.sample(range(len(tracks)), min(questions, len(tracks)))
+    families: dict[str, set[int]] = {}
+    for i, t in enumerate(tracks):
+        families.setdefault(t.family, set()).add(i)
+    rows, labels, right = [], [], 0
+    for n, i in enumerate(picks):
+        track = tracks[i]
+        out = families[track.family] if n < family_out * len(picks) else {i}
+        hits = index.search(track.question, k, exclude=out)
+        norm = max_score(track.question, index.df, index.n)
+        found = retrieved(track.question, [(tracks[j], s / norm) for j, s in hits], idf_of)
+        for r in found:
+            rows.append(r.features)
+            labels.append(float(answers_match(r.answer, track.answer)))
+        right += bool(found) and answers_match(found[0].answer, track.answer)
+    if not rows or len(set(labels)) < 2:
+        return DEFAULT_CHOOSER, {"questions": len(picks), "rows": len(rows), "fitted": False}
+    chooser = Chooser.fit(np.asarray(rows), np.asarray(labels))
+    return chooser, {"questions": len(picks), "rows": len(rows), "positives": int(sum(labels)),
+                     "top1_right": right, "family_out": family_out, "fitted": True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory in Redis
+# ---------------------------------------------------------------------------------------------------------------
+
+def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, shards: int = SHARDS, k: int = 5,
+                 fit_questions: int = 600, batch: int = 2000) -> dict[str, Any]:
+    """Write tracks, their BM25 postings, the word idf and the fitted chooser into ``version`` (not activated here:
+    the caller marks the version complete and moves the pointer). Returns the meta fields to record."""
+    check_domain(domain)
+    if not tracks:
+        raise TrackError(f"no track to store for domain {domain!r}: no chain's roles reproduced its answer")
+    index = Index.build([t.question for t in tracks])
+    idf_of = word_idf(index)
+    chooser, fitted = fit_chooser(tracks, index, idf_of, k=k, questions=fit_questions)
+    pipe = client.pipeline(transaction=False)
+    for t, weights in zip(tracks, index.weights):
+        s = _shard(t.id, shards)
+        pipe.set(_skey(domain, version, s, f"d:{t.id}"), t.to_json())
+        for term, w in weights.items():
+            pipe.zadd(_skey(domain, version, s, f"p:{term}"), {t.id: round(w, 5)})
+        if len(pipe) >= batch:
+            pipe.execute()
+    df_items = list(index.df.items())
+    for i in range(0, len(df_items), batch):
+        pipe.hset(_vkey(domain, version, "t:df"), mapping=dict(df_items[i:i + batch]))
+    pipe.execute()
+    return {"tracks": len(tracks), "track_shards": shards, "track_families": len({t.family for t in tracks}),
+            "track_chooser": json.dumps({"weights": chooser.weights, "threshold": chooser.threshold} | fitted)}
+
+
+def word_idf(index: Index) -> dict[str, float]:
+    """idf of single words (what anchors are weighted by when numbers are bound)."""
+    return {t: idf(c, index.n) for t, c in index.df.items() if "_" not in t}
+
+
+class TrackMemory:
+    """GetTracks over one version of a domain's track memory (the active one by default)."""
+
+    def __init__(self, client, domain: str, version: int | None = None) -> None:
+        from overlay.table import active_version
+
+        self.client, self.domain = client, check_domain(domain)
+        self.version = version if version is not None else active_version(client, domain)
+        if self.version is None:
+            raise TrackError(f"no complete table for domain {domain!r}: build one with `overlay table build`")
+        meta = {_text(k): _text(v) for k, v in client.hgetall(_vkey(domain, self.version, "meta")).items()}
+        if not int(meta.get("tracks", 0) or 0):
+            raise TrackError(f"version {self.version} of domain {domain!r} has no track memory: rebuild it with "
+                             f"`overlay table build` (tracks are stored with the table since this release)")
+        self.count, self.shards = int(meta["tracks"]), int(meta.get("track_shards", SHARDS))
+        spec = json.loads(meta.get("track_chooser") or "{}")
+        self.chooser = Chooser(spec["weights"], spec.get("threshold", 0.5)) if spec.get("weights") else DEFAULT_CHOOSER
+        self.df = {_text(t): int(c) for t, c in client.hgetall(_vkey(domain, self.version, "t:df")).items()}
+        self.idf = {t: idf(c, self.count) for t, c in self.df.items() if "_" not in t}
+        self._sha_ok = False
+
+    def _script(self) -> str:
+        if not self._sha_ok:
+            self.client.script_load(TRACKS_SCRIPT)
+            self._sha_ok = True
+        return TRACKS_SHA
+
+    def search(self, question: str, k: int = 5) -> list[tuple[Track, float]]:
+        """Top-k (track, similarity 0..1) for a question: one pipelined round trip, one script call per shard."""
+        if not isinstance(question, str) or not question.strip():
+            raise TrackError("GetTracks needs a non-empty question")
+        wanted = query_terms(question, self.df, self.count)
+        if not wanted or k < 1:
+            return []
+        sha = self._script()
+        from redis.cluster import RedisCluster
+
+        cluster = isinstance(self.client, RedisCluster)
+        pipe = None if cluster else self.client.pipeline(transaction=False)
+        replies = []
+        for s in range(self.shards):
+            keys = [_skey(self.domain, self.version, s, f"p:{t}") for t in wanted]
+            keys.append(_skey(self.domain, self.version, s, f"tmp:{random.getrandbits(48):x}"))
+            args = (sha, len(keys), *keys, k, _skey(self.domain, self.version, s, "d:"))
+            if pipe is None:  # a cluster refuses scripts in pipelines: one call per shard, each to its node
+                replies.append(self.client.evalsha(*args))
+            else:
+                pipe.evalsha(*args)
+        if pipe is not None:
+            replies = pipe.execute()
+        norm = max_score(question, self.df, self.count)
+        hits = []
+        for reply in replies:
+            for i in range(0, len(reply), 3):
+                if reply[i + 2]:
+                    hits.append((Track.from_json(reply[i + 2]), float(reply[i + 1]) / norm))
+        hits.sort(key=lambda h: (-h[1], h[0].id))
+        return hits[:k]
+
+    def get_tracks(self, question: str, k: int = 5) -> list[Retrieved]:
+        """GetTracks: the top-k tracks for a question, bound to its numbers, followed with the calculator and scored
+        by the chooser."""
+        found = retrieved(question, self.search(question, k), self.idf)
+        self.chooser.score(found)
+        return found
+
+    def choose(self, question: str, k: int = 5) -> tuple[Retrieved | None, list[Retrieved]]:
+        """(the track to follow, or None when every retrieved track is refused; all retrieved tracks)."""
+        found = self.get_tracks(question, k)
+        return self.chooser.choose(found), found
+
+
+def chain_tracks(chains: Iterable[Chain], families: Sequence[str] | None = None) -> list[Track]:
+    """Tracks of chains (families default to one per chain)."""
+    chains = list(chains)
+    return make_tracks(chains, families)
+
+
+__all__ = ["Chooser", "Index", "Retrieved", "Track", "TrackError", "TrackMemory", "make_tracks", "terms",
+           "write_tracks", "PREFIX"]
