@@ -30,6 +30,7 @@ BOS_ID = IDS[BOS]
 NEVER = frozenset(IDS[t] for t in (PAD, UNK, BOS, Q))
 NEVER_OUTSIDE_ACTION = NEVER | {IDS[RESULT]}
 TAG_IDS = frozenset(IDS.values())
+TAG_NAMES = {IDS[t]: t for t in STEP_TAGS}
 STEP_TAG_IDS = frozenset(IDS[t] for t in STEP_TAGS)
 
 
@@ -50,6 +51,8 @@ class DecodeConfig:
     max_question_chars: int = 2000
     session_ttl_s: int = 3600
     save_every: int = 64
+    tracks: int = 5
+    track_weight: float = 10.0
 
     def __post_init__(self) -> None:
         """Reject settings that cannot decode, naming the field."""
@@ -59,6 +62,8 @@ class DecodeConfig:
             raise ValueError("repetition_penalty must be ≥ 1 and repetition_window ≥ 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be ≥ 0 and top_p in (0, 1] (got {self.temperature}, {self.top_p})")
+        if self.tracks < 0 or self.track_weight < 0:
+            raise ValueError(f"tracks and track_weight must be ≥ 0 (got {self.tracks}, {self.track_weight})")
 
 
 @dataclass
@@ -77,6 +82,7 @@ class DecodeResult:
     tokens: int
     seconds: float
     session_id: str | None = None
+    tracks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def well_formed(self) -> bool:
@@ -107,6 +113,8 @@ class DecodeState:
     question_len: int = -1  # ids of the question (the selector's memory); -1: the prompt's length
     saved: tuple[int, int] = field(default=(0, 0), repr=False, compare=False)  # ids, trace steps already saved
     sampling: tuple[float, float, int] | None = None  # this chain's (temperature, top_p, seed); None: the config's
+    follow: Any = field(default=None, repr=False, compare=False)  # the followed track's cursor (tracks.Follower)
+    retrieved: list[Any] = field(default_factory=list, repr=False, compare=False)  # GetTracks' answer, once per question
 
     @property
     def memory(self) -> int:
@@ -162,8 +170,9 @@ class OverlayDecoder:
     stage_seconds: dict[str, float] | None = None
 
     def __init__(self, table: SemanticTable, model: torch.nn.Module | None, tokenizer, config: DecodeConfig | None = None,
-                 sessions: SessionStore | None = None, adapter: str = ""):
+                 sessions: SessionStore | None = None, adapter: str = "", tracks: Any = None):
         self.table = table
+        self.tracks = tracks  # a tracks.TrackMemory, or None: no track is followed
         self.adapter = adapter
         self.model = model.eval() if model is not None else None
         self.tokenizer = tokenizer
@@ -196,7 +205,24 @@ class OverlayDecoder:
     def new_state(self, question: str) -> DecodeState:
         """A chain holding only the prompt ``<Q> question``; ``step`` extends it."""
         ids = self._prompt(question)
-        return DecodeState(" ".join(question.split()), ids, len(ids), Router(sep=""))
+        state = DecodeState(" ".join(question.split()), ids, len(ids), Router(sep=""))
+        self._route(state)
+        return state
+
+    def _route(self, state: DecodeState) -> None:
+        """GetTracks once per question: the chooser's track (if any passes its threshold) is followed while decoding."""
+        if self.tracks is None or not self.config.tracks or self.peer is not None:
+            return
+        from overlay.roles import question_numbers
+        from overlay.tracks import Follower
+
+        best, state.retrieved = self.tracks.choose(state.question, self.config.tracks)
+        if best is not None:
+            state.follow = Follower(best, question_numbers(state.question), self._encode, self.numbers.spans,
+                                    {t: IDS[t] for t in STEP_TAGS}, IDS[EOS])
+
+    def _encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text)
 
     def state_from_prefix(self, prefix: str, question: str | None = None) -> DecodeState:
         """A chain that starts from chain text ``<Q> question <THOUGHT> …`` (encoded as given): the steps after the
@@ -293,17 +319,22 @@ class OverlayDecoder:
             self.__dict__["_paths"] = (self.model, fast, cached, qa)
         return fast, cached, qa
 
-    def _scores(self, states: list[DecodeState], neighbours: list) -> list[tuple[torch.Tensor, list[tuple[str, str]]]]:
-        """Per chain, log-probabilities over its candidates (table ids, then copy values) and the copies offered."""
+    def _scores(self, states: list[DecodeState], neighbours: list,
+                extras: list[list[int]]) -> list[tuple[torch.Tensor, list[tuple[str, str]]]]:
+        """Per chain, log-probabilities over its candidates (table ids, the followed track's token when the table did not
+        offer it, then copy values) and the copies offered."""
         if self.model is None:
-            return [(torch.tensor(nb.weights), []) for nb in neighbours]
+            return [(torch.tensor(nb.weights + [min(nb.weights, default=0.0)] * len(x)), []) for nb, x in zip(neighbours, extras)]
         if self.peer is not None:
             return [(self.peer.log_probs(s), []) for s in states]
+        if any(extras) and not self._scorers()[2]:  # only the question-aware scorer scores any token
+            return [(torch.cat([logp, logp.min().repeat(len(x))]), c) for (logp, c), x in
+                    zip(self._scores(states, neighbours, [[] for _ in states]), extras)]
         fast, cached, qa = self._scorers()
         lengths = [len(nb.ids) for nb in neighbours]
         if qa is not None:
             out = []
-            for state, nb in zip(states, neighbours):
+            for state, nb, extra in zip(states, neighbours, extras):
                 if state.kv is None or state.kv[0] is not qa:
                     state.kv = (qa, qa.start(state.ids[:state.memory]))
                 mem = state.kv[1]
@@ -311,7 +342,7 @@ class OverlayDecoder:
                     qa.push(mem, BOS_ID)
                 for token in state.ids[state.memory + mem.consumed - 1:]:  # only what the memory has not read
                     qa.push(mem, token)
-                logp, copies = qa.log_probs(mem, nb.ids)
+                logp, copies = qa.log_probs(mem, nb.ids + extra if extra else nb.ids)
                 out.append((self._mix(torch.from_numpy(logp), nb), copies))
             return out
         if cached is not None and len(states) == 1:  # one chain: its own keys/values, one new row per block
@@ -362,25 +393,37 @@ class OverlayDecoder:
         if prof is not None:
             t1 = time.perf_counter()
             prof["lookup"] += t1 - t0
-        scores = self._scores(states, neighbours)
+        proposals = [s.follow.proposal([c.output for c in s.router.tool_calls]) if s.follow is not None else None
+                     for s in states]
+        extras = [[p.tokens[0]] if p is not None and p.tokens[0] not in nb.ids else [] for p, nb in zip(proposals, neighbours)]
+        scores = self._scores(states, neighbours, extras)
         if prof is not None:
             t0 = time.perf_counter()
             prof["selector"] += t0 - t1
-        for state, nb, (logp, copies) in zip(states, neighbours, scores):
-            n_table = len(nb.ids)
+        for state, nb, extra, proposal, (logp, copies) in zip(states, neighbours, extras, proposals, scores):
+            cands = nb.ids + extra if extra else nb.ids
+            n_table = len(cands)
             values = logp.tolist()  # the choice works on floats: one conversion per token
-            allowed = self._allowed(state, nb.ids, len(copies))
-            adjusted = self._penalty(state, nb.ids, values)
+            allowed = self._allowed(state, cands, len(copies))
+            adjusted = self._penalty(state, cands, values)
+            follow = self._track_index(proposal, cands, copies)
+            if follow is not None:
+                adjusted = list(adjusted)
+                adjusted[follow] += self.config.track_weight * state.follow.found.p
             temperature, top_p, seed = state.sampling or (self.config.temperature, self.config.top_p, self.config.seed)
             masked = _masked(adjusted, allowed)  # once for the choice and its margin
             choice = choose_index(masked, temperature, top_p, seed, len(state.ids))
             margin = choice_margin(masked, None, choice)
             score = values[choice]
-            if choice < n_table:
-                tokens, source = [nb.ids[choice]], "table"
+            if choice == follow:
+                tokens, source = list(proposal.tokens), "track"
+            elif choice < n_table:
+                tokens, source = [cands[choice]], "table"
             else:
                 value, source = copies[choice - n_table]
                 tokens = self.numbers.tokens(value)
+            if state.follow is not None:
+                state.follow.observe(tokens, choice == follow, TAG_NAMES)
             if prof is not None:
                 prof["choose"] += time.perf_counter() - t0
             tag = state.router.current_tag
@@ -390,11 +433,11 @@ class OverlayDecoder:
             if tokens[0] in TAG_IDS and tokens[0] != IDS[RESULT] and tag == "ACTION":
                 self._emit(state, IDS[RESULT], injected=True)
             offered = self._offered(copies)
-            self._emit(state, tokens[0], injected=False, cands=nb.ids, rank=choice, score=score, margin=margin,
-                       weight=nb.weights[choice] if choice < n_table else 0.0, order=nb.order, source=source,
+            self._emit(state, tokens[0], injected=False, cands=cands, rank=choice, score=score, margin=margin,
+                       weight=nb.weights[choice] if choice < len(nb.weights) else 0.0, order=nb.order, source=source,
                        copies=offered)
             for t in tokens[1:]:
-                self._emit(state, t, injected=True, source="copy")
+                self._emit(state, t, injected=True, source="copy" if source != "track" else "track")
             if answered:
                 state.acc.stop_reason = "answer"
             if prof is not None:
@@ -404,6 +447,18 @@ class OverlayDecoder:
                 t1 = time.perf_counter()
                 prof["stop_rules"] += t1 - t0
                 t0 = t1
+
+    @staticmethod
+    def _track_index(proposal: Any, cands: list[int], copies: list[tuple[str, str]]) -> int | None:
+        """Where the followed track's proposal is among the candidates: its copy value when it is a number the chain
+        may copy, else its (first) token."""
+        if proposal is None:
+            return None
+        if proposal.value is not None:
+            for i, (value, _) in enumerate(copies):
+                if value == proposal.value:
+                    return len(cands) + i
+        return cands.index(proposal.tokens[0])
 
     def _check_stop(self, state: DecodeState) -> None:
         """Stop at <EOS>, at a repeated step, at the token limit, or by the accumulator's rule. A chain cut by its
@@ -439,7 +494,21 @@ class OverlayDecoder:
             verdicts=[{"claim": v.claim, "verdict": v.verdict, "reason": v.reason} for v in r.verdicts],
             tool_calls=[vars(c).copy() for c in r.tool_calls], errors=list(r.errors), trace=state.acc.to_dict(),
             tokens=len(state.ids) - state.prompt_len, seconds=state.elapsed, session_id=session_id,
+            tracks=self._tracks_trace(state),
         )
+
+    @staticmethod
+    def _tracks_trace(state: DecodeState) -> list[dict[str, Any]]:
+        """The retrieved tracks (rank, similarity, binding, the answer each gives, the chooser's p) and which was
+        followed, for how many decisions."""
+        followed = state.follow.found.track.id if state.follow is not None else None
+        out = []
+        for r in state.retrieved:
+            row = r.to_dict() | {"followed": r.track.id == followed}
+            if row["followed"]:
+                row |= {"followed_decisions": state.follow.followed, "left_track": not state.follow.alive}
+            out.append(row)
+        return out
 
     def _save(self, session_id: str | None, state: DecodeState) -> int:
         """Append what the chain made since its last save (ids, trace) and overwrite its small state; returns the
@@ -570,8 +639,10 @@ def _cached(domain: str, model_dir: str, redis_url: str | None, device: str, con
     table = SemanticTable(client, domain, version)
     model, tokenizer = _base(model_dir, device, fingerprint)
     check_tokenizers({f"table {domain!r} v{table.version}": table.meta.get("tokenizer_hash"), f"model {model_dir}": tokenizer})
+    from overlay.tracks import open_tracks
+
     decoder = OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client),
-                             adapter_for(model_dir, domain))
+                             adapter_for(model_dir, domain), open_tracks(table))
     decoder.warm_up()
     return decoder
 

@@ -11,14 +11,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from overlay.chains import Chain, answers_match
+from overlay.chains import ANSWER, EOS, Q, RESULT, Chain, answers_match
+from overlay.roles import execute, question_numbers
+from overlay.tracks import TrackMemory, open_tracks
 from overlay.decode import DecodeConfig, DecodeResult, OverlayDecoder
 from overlay.vote import VoteResult, check_samples, decode_voted, same_answer, sample_settings
 
 MEASURES = ("exact_match", "well_formed", "actions_executed", "checks_passed", "distinct_continuations",
             "mean_tokens", "ms_per_token")
 METHOD_NAMES = {"overlay": "overlay (question-aware selector)", "peer": "full-context peer (GPT-2)",
-                "table_only": "table only"}
+                "table_only": "table only", "track_only": "track only (top-1 track, calculator, no selector)"}
 
 
 def continuation(result: DecodeResult) -> str:
@@ -95,13 +97,18 @@ def verification_success(table, model, tokenizer, chains: Sequence[Chain], confi
     With ``samples`` > 1, also vote over that many overlay chains per question (``vote``, beside greedy)."""
     check_samples(samples)
     out: dict[str, Any] = {"questions": len(chains), "adapter": adapter or None}
-    methods = {"overlay": model, "peer": peer, "table_only": None}
+    memory = open_tracks(table)
+    methods = {"overlay": model, "peer": peer, "table_only": None, "track_only": memory}
     for name, m in methods.items():
-        if m is None and name != "table_only":
+        if m is None and name not in ("table_only", "track_only") or name == "track_only" and memory is None:
             continue
-        decoder = OverlayDecoder(table, m, tokenizer, config, adapter=adapter if name == "overlay" else "")
         start = time.perf_counter()
-        results = decode_all(decoder, [c.question for c in chains], desc=name, progress=progress)
+        if name == "track_only":
+            results = [track_only(memory, c.question) for c in chains]
+        else:
+            decoder = OverlayDecoder(table, m, tokenizer, config, adapter=adapter if name == "overlay" else "",
+                                     tracks=memory if name == "overlay" else None)
+            results = decode_all(decoder, [c.question for c in chains], desc=name, progress=progress)
         out[name] = measures(results, [c.answer for c in chains]) | {"seconds": time.perf_counter() - start}
         if keep:
             out[name]["examples"] = [r.to_dict() | {"expected": c.answer} for r, c in zip(results[:keep], chains)]
@@ -115,6 +122,20 @@ def verification_success(table, model, tokenizer, chains: Sequence[Chain], confi
                 out["vote"]["examples"] = [v.to_dict() | {"chain": v.chain.text, "expected": c.answer}
                                            for v, c in zip(votes[:keep], chains)]
     return out
+
+
+def track_only(memory: TrackMemory, question: str) -> DecodeResult:
+    """The track-only baseline: the top-1 retrieved track followed with this question's numbers and the calculator,
+    no selector and no table; no track (or one that cannot be followed) gives no answer."""
+    start = time.perf_counter()
+    found = memory.get_tracks(question, 1)
+    steps = execute(found[0].track.chain, found[0].binding, question_numbers(question))[1] if found else []
+    answer = steps[-1][1] if steps and steps[-1][0] == ANSWER else None
+    text = f"{Q} {' '.join(question.split())} " + "".join(f"{tag} {body} " for tag, body in steps) + (EOS if answer else "")
+    calls = [{"ok": True} for tag, _ in steps if tag == RESULT]
+    return DecodeResult(question, text.strip(), answer, "answer" if answer is not None else "no_track",
+                        [{"tag": t, "text": b} for t, b in steps], [], calls, [], {}, 0, time.perf_counter() - start,
+                        tracks=[found[0].to_dict()] if found else [])
 
 
 def generation_markdown(gen: dict[str, Any], title: str = "Chains decoded end to end") -> str:

@@ -21,6 +21,7 @@ from overlay.decode import DecodeConfig
 from overlay.generation import generation_markdown, heldout_variants, verification_success
 from overlay.tokenizer import (TokenizerMismatch, check_tokenizers, encode, load_tokenizer, tokenizer_hash,
                                train_tokenizer)
+from overlay.tracks import Track, file_families, make_tracks
 from overlay.variants import HELDOUT_VARIANTS, generate_variants, library_from_gsm8k
 
 EXAMPLE_VARIANTS = 2
@@ -45,27 +46,35 @@ class QuickstartConfig:
 
 def build_table_from_file(client, path: str | Path, fmt: str, domain: str, *, max_order: int = 3,
                           vocab_size: int = 2000, tokenizer_path: str | Path | None = None, limit: int | None = None,
-                          on_flush=None, fields: dict[str, Any] | None = None) -> tuple[ConversionReport, tbl.BuildStats]:
+                          on_flush=None, fields: dict[str, Any] | None = None,
+                          tracks: list[Track] | None = None) -> tuple[ConversionReport, tbl.BuildStats]:
     """Convert a JSONL dataset to chains (``fields``: load_chains' field mapping), train (or load) the tokenizer
-    and build a new table version."""
+    and build a new table version with its track memory (the file's chains, or ``tracks`` when given)."""
     tbl.check_domain(domain)
     report = load_chains(path, fmt, limit=limit, **(fields or {}))
     if not report.chains:
         raise ValueError(f"{path}: no record could be converted to a chain ({report.summary()})")
     texts = [c.to_text() for c in report.chains]
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else train_tokenizer(texts, vocab_size=vocab_size)
+    if tracks is None:
+        tracks = make_tracks(report.chains, file_families(path, report.chains))
     stats = tbl.build_table(client, domain, (encode(tok, t) for t in texts), vocab_size=len(tok),
                             tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok),
-                            max_order=max_order, source=str(path), on_flush=on_flush)
+                            max_order=max_order, source=str(path), on_flush=on_flush, tracks=tracks)
     return report, stats
 
 
-def ensure_table(client, train_file: Path, domain: str, fresh: bool, log) -> tbl.SemanticTable:
-    """Build the domain's table from ``train_file`` unless a complete one exists (or ``fresh``)."""
-    if fresh or tbl.active_version(client, domain) is None:
-        report, stats = build_table_from_file(client, train_file, "gsm8k", domain)
+def ensure_table(client, train_file: Path, domain: str, fresh: bool, log, variants: bool = True) -> tbl.SemanticTable:
+    """Build the domain's table from ``train_file``, with a track memory of the training chains (sources and their
+    training variants), unless a complete one with tracks exists (or ``fresh``)."""
+    version = tbl.active_version(client, domain)
+    stale = version is None or not int(tbl.versions(client, domain).get(version, {}).get("tracks", 0) or 0)
+    if fresh or stale:
+        chains, families = training_chains(train_file, variants)
+        report, stats = build_table_from_file(client, train_file, "gsm8k", domain, tracks=make_tracks(chains, families))
         log(report.summary())
-        log(f"table {domain} v{stats.version}: {stats.contexts} contexts, {stats.entries} entries in {stats.seconds:.1f} s")
+        log(f"table {domain} v{stats.version}: {stats.contexts} contexts, {stats.entries} entries, "
+            f"{tbl.versions(client, domain)[stats.version].get('tracks')} tracks in {stats.seconds:.1f} s")
     else:
         log(f"reusing table {domain} v{tbl.active_version(client, domain)}")
     return tbl.SemanticTable(client, domain)
@@ -83,14 +92,16 @@ def _matches(manifest_file: Path, table: tbl.SemanticTable) -> bool:
     return manifest.get("table") == {"domain": table.domain, "version": table.version}
 
 
-def training_chains(train_file: Path, variants: bool) -> list[Chain]:
+def training_chains(train_file: Path, variants: bool) -> tuple[list[Chain], list[str]]:
     """The sample's chains and, with ``variants``, each one's training variants (stellator data) from the split whose
-    held-out variants the quickstart decodes, so those stay never trained."""
+    held-out variants the quickstart decodes, so those stay never trained; and each chain's family (its source)."""
     chains = load_chains(train_file, "gsm8k").chains
+    families = [f"gsm8k-{c.line}" for c in chains]  # the id library_from_gsm8k gives its track
     if not variants:
-        return chains
+        return chains, families
     vset = generate_variants(library_from_gsm8k(train_file, None), HELDOUT_VARIANTS)
-    return chains + [v.chain for v in vset.train if v.index]
+    extra = [v for v in vset.train if v.index]
+    return chains + [v.chain for v in extra], families + [v.track for v in extra]
 
 
 def ensure_model(table: tbl.SemanticTable, train_file: Path, home: Path, cfg: QuickstartConfig, fresh: bool, log) -> Path:
@@ -101,7 +112,7 @@ def ensure_model(table: tbl.SemanticTable, train_file: Path, home: Path, cfg: Qu
     data = home / "datasets" / table.domain
     model = home / "models" / table.domain
     if fresh or not _matches(data / "manifest.json", table):
-        chains = training_chains(train_file, cfg.variants)
+        chains = training_chains(train_file, cfg.variants)[0]
         manifest = build_dataset(table, table.tokenizer(), chains, data, DatasetConfig())
         log(f"dataset {data}: {manifest.rows} rows, table recall in rows {manifest.present_rate:.3f}")
         shutil.rmtree(model, ignore_errors=True)
@@ -132,7 +143,7 @@ def run_quickstart(data_dir: Path, cfg: QuickstartConfig, *, fresh: bool = False
     torch.set_num_threads(cfg.threads)
     client = store.connect(redis_url)
     home = store.data_dir()
-    table = ensure_table(client, train_file, cfg.domain, fresh, log)
+    table = ensure_table(client, train_file, cfg.domain, fresh, log, cfg.variants)
     model_dir = ensure_model(table, train_file, home, cfg, fresh, log)
     model, tok = load_selector(model_dir)
     test = load_chains(test_file, "gsm8k").chains

@@ -145,8 +145,12 @@ def build_table(
     source: str = "",
     batch: int = 1000,
     on_flush: Callable[[int, int], None] | None = None,
+    tracks: Sequence | None = None,
 ) -> BuildStats:
     """Count n-grams and write them as a new version; the active pointer moves only once all is written.
+
+    ``tracks`` (``overlay.tracks.Track``) are written into the same version before it is marked complete, so the
+    track memory is activated with the table.
 
     ``on_flush(written, total)`` is called after each pipelined batch (progress bars use it). If the
     build stops for any reason, the new version stays marked ``building`` and the previous active
@@ -200,10 +204,15 @@ def build_table(
     if on_flush:
         on_flush(written, total)
     stats.contexts = total - 1
+    track_meta: dict[str, str | int] = {}
+    if tracks:
+        from overlay.tracks import write_tracks
+
+        track_meta = write_tracks(client, domain, version, tracks)
     stats.seconds = time.perf_counter() - start
     client.hset(
         meta_key,
-        mapping={
+        mapping=track_meta | {
             "status": "complete",
             "tokens": tokens,
             "sequences": seqs,

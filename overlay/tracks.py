@@ -17,22 +17,24 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from overlay.chains import Chain, answers_match
-from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, execute, masked_question,
+from overlay.chains import RESULT, Chain, answers_match
+from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, execute, fill, masked_question,
                            question_numbers)
-from overlay.table import PREFIX, _text, _vkey, check_domain
+from overlay.table import _text, _vkey, check_domain
 
 SHARDS = 4
 K1, B = 1.2, 0.75
 MAX_DF = 0.5  # query terms in more than this share of tracks carry no routing signal and are skipped
-QUERY_TERMS = 16  # the rarest terms of a question route it; more only cost server time (measured in bench_tracks)
+QUERY_TERMS = 32  # the rarest terms of a question route it; 16 lost 4 points of any-5 on MAWPS dev (bench_tracks)
 FEATURES = ("similarity", "gap", "rank", "binding", "complete", "executed", "same_count", "unused", "non_negative",
             "whole", "agreement", "bias")
 
@@ -97,7 +99,8 @@ class Track:
 
 
 def make_tracks(chains: Sequence[Chain], families: Sequence[str] | None = None, prefix: str = "t") -> list[Track]:
-    """Tracks of chains whose roles reproduce their own answer (the others cannot be followed and are left out)."""
+    """Tracks of chains whose roles reproduce their own answer (the others cannot be followed and are left out); ids
+    are ``prefix`` and the chain's position."""
     out = []
     for i, chain in enumerate(chains):
         abstract = abstract_chain(chain)
@@ -105,6 +108,19 @@ def make_tracks(chains: Sequence[Chain], families: Sequence[str] | None = None, 
         answer, _ = execute(abstract, Binding({k: k for k in range(len(abstract.numbers))}, 1.0, True), abstract.numbers)
         if answers_match(answer, chain.answer):
             out.append(track)
+    return out
+
+
+def file_families(path: str | Path, chains: Sequence[Chain]) -> list[str]:
+    """Each chain's family: the ``track`` field of its record (stellator files name their source), else its line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out = []
+    for c in chains:
+        family = f"line{c.line}"
+        if 0 < c.line <= len(lines) and '"track"' in lines[c.line - 1]:
+            with suppress(ValueError, TypeError):
+                family = str(json.loads(lines[c.line - 1]).get("track") or family)
+        out.append(family)
     return out
 
 
@@ -332,6 +348,7 @@ class TrackMemory:
             raise TrackError(f"version {self.version} of domain {domain!r} has no track memory: rebuild it with "
                              f"`overlay table build` (tracks are stored with the table since this release)")
         self.count, self.shards = int(meta["tracks"]), int(meta.get("track_shards", SHARDS))
+        self.meta = meta
         spec = json.loads(meta.get("track_chooser") or "{}")
         self.chooser = Chooser(spec["weights"], spec.get("threshold", 0.5)) if spec.get("weights") else DEFAULT_CHOOSER
         self.df = {_text(t): int(c) for t, c in client.hgetall(_vkey(domain, self.version, "t:df")).items()}
@@ -389,11 +406,103 @@ class TrackMemory:
         return self.chooser.choose(found), found
 
 
-def chain_tracks(chains: Iterable[Chain], families: Sequence[str] | None = None) -> list[Track]:
-    """Tracks of chains (families default to one per chain)."""
-    chains = list(chains)
-    return make_tracks(chains, families)
+def open_tracks(table: Any) -> TrackMemory | None:
+    """The track memory stored with a table's version (``SemanticTable``), or None when that version has none."""
+    if not int(table.meta.get("tracks", 0) or 0):
+        return None
+    return TrackMemory(table.client, table.domain, table.version)
 
 
-__all__ = ["Chooser", "Index", "Retrieved", "Track", "TrackError", "TrackMemory", "make_tracks", "terms",
-           "write_tracks", "PREFIX"]
+# ---------------------------------------------------------------------------------------------------------------
+# Following a track while decoding
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Proposal:
+    """The followed track's next decision: one token, or a whole number (its value and the tokens that spell it)."""
+
+    tokens: list[int]
+    value: str | None = None
+
+
+class Follower:
+    """A cursor on one retrieved track while a chain is decoded. It proposes the track's next token (roles bound to
+    this question's numbers and the chain's own tool results) and moves on when that is what was emitted; when the
+    chain leaves the track it waits for the next step tag and re-synchronises at the track's next step with that tag,
+    or gives up when there is none."""
+
+    def __init__(self, found: Retrieved, numbers: Sequence[QuestionNumber], encode: Any, spans: Any,
+                 tag_ids: Mapping[str, int], eos: int) -> None:
+        self.found, self.numbers, self.encode, self.spans = found, list(numbers), encode, spans
+        self.tag_ids, self.eos = tag_ids, eos
+        self.steps = found.track.chain.steps  # a RESULT step's tag is proposed; its content is the tool's, injected
+        self.next_step = 0  # the step whose tag comes next
+        self.queue: list[Proposal] = []
+        self.open = False  # the queue holds the content of the step just opened, not yet expanded when False
+        self.alive = True
+        self.waiting = False  # off the track: wait for a step tag to re-synchronise
+        self.followed = 0
+
+    def proposal(self, results: Sequence[str]) -> Proposal | None:
+        """What the track would emit next (the next step's tag once a step's content is spelt, EOS after the answer),
+        or None (waiting, finished, or a role not resolvable)."""
+        if self.open and not self.queue:
+            self._expand(results)
+        if not self.alive or self.waiting:
+            return None
+        if self.queue:
+            return self.queue[0]
+        if self.next_step < len(self.steps):
+            return Proposal([self.tag_ids[self.steps[self.next_step][0]]])
+        return Proposal([self.eos]) if self.next_step == len(self.steps) else None
+
+    def _expand(self, results: Sequence[str]) -> None:
+        """Spell the content of the step just opened, with this question's numbers and the results so far."""
+        self.open = False
+        tag, text = self.steps[self.next_step - 1]
+        if tag == RESULT:
+            return
+        filled = fill(text, self.found.binding, self.numbers, results)
+        if filled is None:
+            self.alive = False
+            return
+        ids = self.encode(" " + filled.strip() + " ")
+        units, i = [], 0
+        for first, end, value in self.spans(ids):
+            units += [Proposal([t]) for t in ids[i:first]]
+            units.append(Proposal(ids[first:end], value))
+            i = end
+        self.queue = units + [Proposal([t]) for t in ids[i:]]
+
+    def observe(self, tokens: Sequence[int], followed: bool, tag_of: Mapping[int, str]) -> None:
+        """Move on after an emitted decision: on the track when it was the proposal, else off it (re-synchronising at
+        the next step with the same tag when the decision opened a step)."""
+        if not self.alive:
+            return
+        first = tokens[0]
+        if followed and not self.waiting:
+            self.followed += 1
+            if self.queue:
+                self.queue.pop(0)
+            elif self.next_step < len(self.steps):
+                self.next_step += 1
+                self.open = True
+            else:
+                self.next_step += 1
+            return
+        tag = tag_of.get(first)
+        if tag is None:
+            self.waiting = True
+            return
+        later = [j for j in range(self.next_step, len(self.steps)) if self.steps[j][0] == tag]
+        if not later:
+            self.alive = False
+            return
+        self.next_step, self.queue, self.open, self.waiting = later[0] + 1, [], True, False
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.found.to_dict() | {"followed_decisions": self.followed, "alive": self.alive}
+
+
+__all__ = ["Chooser", "Follower", "Index", "Proposal", "Retrieved", "Track", "TrackError", "TrackMemory", "make_tracks",
+           "terms", "write_tracks"]
