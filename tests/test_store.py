@@ -71,7 +71,7 @@ CHILD = """
 import sys
 from overlay import store
 client = store.connect()
-print(client.pid, flush=True)
+print(client.info("server")["process_id"], flush=True)
 for key in sys.stdin:
     client.set(key.strip(), "1")
     print(client.get(key.strip()).decode(), flush=True)
@@ -108,6 +108,9 @@ def test_embedded_server_ends_with_the_process_that_started_it(tmp_path, sig):
     child.send_signal(sig)
     child.wait()
     assert _ends_within(server, 10), "the embedded redis-server outlived its only owner"
+    deadline = time.monotonic() + 5  # the watchdog forgets the server's record just after it has stopped
+    while (tmp_path / "overlay.rdb.settings").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not (tmp_path / "overlay.rdb.settings").exists()
 
 
@@ -138,12 +141,57 @@ def test_writes_survive_a_server_crash(tmp_path, monkeypatch):
     assert client.get("table") == b"v1"
     client.set("session", "640 tokens")
     time.sleep(2)  # appendfsync everysec
-    server = client.pid
+    server = client.info("server")["process_id"]
     os.kill(server, signal.SIGKILL)
     assert _ends_within(server, 10)
     again = store.connect()
-    assert again.pid != server
+    assert again.info("server")["process_id"] != server
     assert again.get("session") == b"640 tokens" and again.get("table") == b"v1"
     assert (tmp_path / "overlay.rdb.aof").exists()
     again.shutdown()
     store._embedded.clear()
+
+
+def test_a_client_follows_the_embedded_server_across_a_crash(tmp_path, monkeypatch):
+    """A client kept from before a SIGKILLed server (as a cached decoder keeps one) answers from the restarted one."""
+    monkeypatch.setenv(store.ENV_HOME, str(tmp_path))
+    monkeypatch.delenv(store.ENV_URL, raising=False)
+    client = store.connect()
+    client.set("kept", "1")
+    time.sleep(2)  # appendfsync everysec
+    server = client.info("server")["process_id"]
+    os.kill(server, signal.SIGKILL)
+    assert _ends_within(server, 10)
+    assert client.get("kept") == b"1"
+    assert client.info("server")["process_id"] != server
+    assert client.pipeline().set("p", "2").get("p").execute() == [True, b"2"]
+    client.shutdown()
+    store._embedded.clear()
+
+
+def _servers_in(folder) -> list[int]:
+    """Pids of the redis-servers whose working directory (their data folder) is ``folder``."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "redis-server" in (proc.info["name"] or "") and proc.cwd() == str(folder):
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6])
+def test_an_owner_killed_during_start_up_leaves_no_server(tmp_path, delay):
+    """However soon after its redis-server appears the only owner dies, the server is stopped (no orphan)."""
+    child = _child(tmp_path)
+    deadline = time.monotonic() + 30
+    while not _servers_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 20
+    while _servers_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _servers_in(tmp_path) == [], f"an orphaned redis-server after a kill at +{delay} s"
