@@ -10,11 +10,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+import click
+import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from overlay import store
 from overlay import table as tbl
@@ -24,7 +27,23 @@ from overlay.flows import flows_app
 from overlay.probe import probe_app
 from overlay.variants import VariantConfig, VariantError, stellator
 
-app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True)
+
+class StoreGuard(TyperGroup):
+    """The root command group: a Redis store lost while any command runs ends it with one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; map a lost connection (refused, reset, timed out) to the one-line error."""
+        try:
+            return super().invoke(ctx)
+        except store.StoreUnavailable as exc:
+            fail(str(exc))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            fail(f"lost the Redis store while the command ran ({type(exc).__name__}: {exc}): check that the server "
+                 f"runs (without --redis-url or ${store.ENV_URL} the embedded one is started) and run the command again")
+
+
+app = typer.Typer(help="Token-level reasoning overlays: Redis semantic-weight tables and a small selector LM.", no_args_is_help=True,
+                  cls=StoreGuard)
 table_app = typer.Typer(help="Build, inspect and drop semantic-weight tables.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Build token-level training datasets (Parquet shards).", no_args_is_help=True)
 app.add_typer(table_app, name="table")

