@@ -160,7 +160,8 @@ def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int
     used_after = client.info("memory").get("used_memory", 0)
     console.print(
         f"[green]built[/] {domain} v{stats.version}: {stats.sequences} chains, {stats.tokens} tokens, "
-        f"{stats.contexts} contexts, {stats.entries} entries in {stats.seconds:.1f} s; "
+        f"{stats.contexts} contexts, {stats.entries} entries, "
+        f"{tbl.versions(client, domain).get(stats.version, {}).get('tracks', 0)} tracks in {stats.seconds:.1f} s; "
         f"Redis memory +{(used_after - used_before) / 2**20:.1f} MiB"
     )
     return stats
@@ -228,18 +229,54 @@ def table_neighbours(
     show_neighbours(open_table(client_or_fail(redis_url), domain, version), context, k)
 
 
+@table_app.command("tracks")
+def table_tracks(
+    question: str = typer.Argument(..., help="The question to route."),
+    domain: str = DOMAIN,
+    k: int = typer.Option(5, "-k", "--k", help="Number of tracks."),
+    version: Optional[int] = typer.Option(None, "--version"),
+    redis_url: Optional[str] = REDIS_OPT,
+) -> None:
+    """GetTracks: the training chains a question resembles, bound to its numbers, each followed with the calculator,
+    and the chooser's verdict (the track it would follow, or a refusal)."""
+    from overlay.roles import execute, question_numbers
+    from overlay.tracks import TrackError, TrackMemory
+
+    if k < 1:
+        fail("-k must be at least 1")
+    table = open_table(client_or_fail(redis_url), domain, version)
+    try:
+        memory = TrackMemory(table.client, domain, table.version)
+        best, found = memory.choose(question, k)
+    except TrackError as exc:
+        fail(str(exc))
+    out = Table(title=f"GetTracks({question[:60]!r}) on {domain} v{table.version}")
+    for col in ("rank", "similarity", "binding", "answer", "p", "track question"):
+        out.add_column(col)
+    for r in found:
+        out.add_row(str(r.rank + 1), f"{r.similarity:.3f}", f"{r.binding.confidence:.2f}", str(r.answer), f"{r.p:.3f}",
+                    escape(r.track.question[:90]))
+    console.print(out)
+    if best is None:
+        console.print(f"chooser: no track reaches p ≥ {memory.chooser.threshold:g}; the table and the selector decode alone")
+        return
+    console.print(f"chooser: follows rank {best.rank + 1} (p {best.p:.3f}):")
+    for tag, text in execute(best.track.chain, best.binding, question_numbers(question))[1]:
+        console.print(f"  {escape(tag)} {escape(text)}")
+
+
 @table_app.command("list")
 def table_list(redis_url: Optional[str] = REDIS_OPT) -> None:
     """List domains with their versions and which one is active."""
     client = client_or_fail(redis_url)
     out = Table(title="semantic-weight tables")
-    for col in ("domain", "version", "status", "contexts", "entries", "active"):
+    for col in ("domain", "version", "status", "contexts", "entries", "tracks", "active"):
         out.add_column(col)
     for domain in tbl.list_domains(client):
         active = tbl.active_version(client, domain)
         for v, meta in tbl.versions(client, domain).items():
             out.add_row(domain, str(v), meta.get("status", "?"), meta.get("contexts", "-"), meta.get("entries", "-"),
-                        "*" if v == active else "")
+                        meta.get("tracks", "-"), "*" if v == active else "")
     console.print(out)
 
 

