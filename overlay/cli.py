@@ -267,17 +267,26 @@ def table_tracks(
 
 @table_app.command("list")
 def table_list(redis_url: Optional[str] = REDIS_OPT) -> None:
-    """List domains with their versions and which one is active."""
+    """List domains with their versions and which one is active; says which building versions were abandoned."""
     client = client_or_fail(redis_url)
     out = Table(title="semantic-weight tables")
     for col in ("domain", "version", "status", "contexts", "entries", "tracks", "active"):
         out.add_column(col)
+    abandoned: dict[str, list[int]] = {}
     for domain in tbl.list_domains(client):
         active = tbl.active_version(client, domain)
-        for v, meta in tbl.versions(client, domain).items():
-            out.add_row(domain, str(v), meta.get("status", "?"), meta.get("contexts", "-"), meta.get("entries", "-"),
+        known = tbl.versions(client, domain)
+        gone = tbl.abandoned_versions(client, domain, known)
+        if gone:
+            abandoned[domain] = gone
+        for v, meta in known.items():
+            status = meta.get("status", "?") + (" (abandoned)" if v in gone else "")
+            out.add_row(domain, str(v), status, meta.get("contexts", "-"), meta.get("entries", "-"),
                         meta.get("tracks", "-"), "*" if v == active else "")
     console.print(out)
+    for domain, gone in abandoned.items():
+        console.print(f"{domain}: v{', v'.join(map(str, gone))} abandoned (its build or learn was stopped before it "
+                      f"completed); the next build or learn of {domain} removes it, or now: overlay table drop {domain} --old")
 
 
 @table_app.command("info")

@@ -28,7 +28,7 @@ from typing import Any
 
 from overlay.table import (TOTAL, SemanticTable, TableNotFound, _activate, _adopt_legacy_counter,
                            _counter_key, _delete_matching, _dkey, _text, _vkey, active_version, check_domain,
-                           context_key, count_ngrams, list_domains)
+                           context_key, count_ngrams, drop_abandoned, lease, no_table_message)
 
 VERDICTS = {"correct": 1.0, "wrong": -1.0}
 MAX_TEXT_CHARS = 20_000
@@ -161,8 +161,7 @@ def learn_version(
     start = time.perf_counter()
     base = active_version(client, domain) if base is None else base
     if base is None:
-        known = ", ".join(list_domains(client)) or "none"
-        raise TableNotFound(f"no complete table for domain {domain!r} to learn from; known domains: {known}")
+        raise TableNotFound(no_table_message(client, domain, " to learn from"))
     meta = {_text(k): _text(v) for k, v in client.hgetall(_vkey(domain, base, "meta")).items()}
     if meta.get("status") != "complete":
         raise TableNotFound(f"version {base} of {domain!r} is {meta.get('status', 'missing')}, not complete")
@@ -177,9 +176,11 @@ def learn_version(
     if not unigrams:
         raise ValueError(f"learning would leave domain {domain!r} without any token: every count would drop to 0")
     _adopt_legacy_counter(client, domain)
+    drop_abandoned(client, domain)
     version = int(client.incr(_counter_key(domain)))
     meta_key = _vkey(domain, version, "meta")
     inherited = {k: v for k, v in meta.items() if k not in PER_VERSION_META}
+    lease(client, domain, version)
     client.hset(meta_key, mapping=inherited | {"status": "building", "created": time.time(), "source": source,
                                           "based_on": base, "learned": f"+{deltas.raised} -{deltas.lowered} chains"})
     try:
@@ -195,6 +196,7 @@ def learn_version(
             pipe.zadd(context_key(domain, version, ctx), mapping)
         for ctx, removed in plan.zrems:
             pipe.zrem(context_key(domain, version, ctx), *removed)
+        lease(pipe, domain, version)
         pipe.execute()
         if on_flush:
             on_flush(total, total)
@@ -207,6 +209,7 @@ def learn_version(
             "per_order": ",".join(f"{n}:{c}" for n, c in sorted(plan.per_order.items())),
             "build_seconds": round(time.perf_counter() - start, 3),
         })
+        client.unlink(_vkey(domain, version, "lease"))
         also = (lambda pipe: on_activate(pipe, version)) if on_activate else None
         active = _activate(client, domain, version, also)
     except BaseException:
@@ -227,7 +230,8 @@ def _copy_contexts(client, domain: str, base: int, version: int, batch: int, tot
 
     def flush() -> None:
         nonlocal copied
-        copied += sum(pipe.execute())
+        lease(pipe, domain, version)
+        copied += sum(pipe.execute()[:-1])
         if copied != queued:
             raise TableNotFound(f"version {base} of {domain!r} lost keys while it was being copied (dropped?)")
         if on_flush:
@@ -319,8 +323,7 @@ def _applied_through(client, domain: str) -> tuple[int, str | None]:
     """The active version and the last feedback stream id it includes (None: none)."""
     version = active_version(client, domain)
     if version is None:
-        known = ", ".join(list_domains(client)) or "none"
-        raise TableNotFound(f"no complete table for domain {domain!r}; known domains: {known}")
+        raise TableNotFound(no_table_message(client, domain))
     last = client.hget(_vkey(domain, version, "meta"), "feedback_last_id")
     return version, _text(last) if last else None
 

@@ -27,12 +27,14 @@ import hashlib
 import json
 import math
 import re
+import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import psutil
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -41,6 +43,9 @@ BACKOFF = math.log(0.4)
 PREFIX = "ovl"
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 UNIGRAM_CACHE = 256
+# A version being built or learned holds a lease (its owner: host, pid, process start), renewed with every batch; a
+# "building" version whose owner is gone (or whose lease ran out) is abandoned and removed by the next build or learn.
+LEASE_S = 600
 # GetNeighbours on the server: every order's top k+1 members and counts (the total ``t`` among them) as one
 # compact string, orders separated by ';' (see SemanticTable._parse): cheap to parse, unlike nested RESP replies.
 LOOKUP_SCRIPT = """
@@ -154,7 +159,7 @@ def build_table(
 
     ``on_flush(written, total)`` is called after each pipelined batch (progress bars use it). If the
     build stops for any reason, the new version stays marked ``building`` and the previous active
-    version is untouched; ``drop_table`` removes the leftover.
+    version is untouched; once its process is gone the next build or learn (or ``drop_table``) removes it.
     """
     check_domain(domain)
     if max_order < 1:
@@ -166,9 +171,11 @@ def build_table(
     if tokens == 0:
         raise ValueError(f"no tokens to build domain {domain!r} from: the input is empty")
     _adopt_legacy_counter(client, domain)
+    drop_abandoned(client, domain)
     version = int(client.incr(_counter_key(domain)))
     stats = BuildStats(version=version, tokens=tokens, sequences=seqs)
     meta_key = _vkey(domain, version, "meta")
+    lease(client, domain, version)
     client.sadd(f"{PREFIX}:domains", domain)
     client.hset(
         meta_key,
@@ -196,10 +203,12 @@ def build_table(
             stats.entries += len(nexts)
             if len(pipe) >= batch:
                 written += len(pipe)
+                lease(pipe, domain, version)
                 pipe.execute()
                 if on_flush:
                     on_flush(written, total)
     written += len(pipe)
+    lease(pipe, domain, version)
     pipe.execute()
     if on_flush:
         on_flush(written, total)
@@ -209,6 +218,7 @@ def build_table(
         from overlay.tracks import write_tracks
 
         track_meta = write_tracks(client, domain, version, tracks)
+        lease(client, domain, version)
     stats.seconds = time.perf_counter() - start
     client.hset(
         meta_key,
@@ -222,6 +232,7 @@ def build_table(
             "per_order": ",".join(f"{n}:{c}" for n, c in stats.per_order.items()),
         },
     )
+    client.unlink(_vkey(domain, version, "lease"))
     stats.active = _activate(client, domain, version)
     if not stats.active:
         _delete_matching(client, _vkey(domain, version, "*"))
@@ -265,6 +276,62 @@ def _activate(client, domain: str, version: int, also: Callable[[object], None] 
 def list_domains(client) -> list[str]:
     """Names of all domains with at least one version (complete or not)."""
     return sorted(_text(d) for d in client.smembers(f"{PREFIX}:domains"))
+
+
+def complete_domains(client) -> list[str]:
+    """Names of the domains that have an active (complete) version: the ones a reader can open."""
+    names = list_domains(client)
+    pipe = client.pipeline(transaction=False)
+    for domain in names:
+        pipe.exists(_dkey(domain, "active"))
+    return [d for d, found in zip(names, pipe.execute() if names else []) if found]
+
+
+def no_table_message(client, domain: str, what: str = "") -> str:
+    """The error for a domain without a complete table, naming the domains that have one."""
+    known = ", ".join(complete_domains(client)) or "none"
+    building = " (its versions are still being built, or were abandoned)" if domain in list_domains(client) else ""
+    return f"no complete table for domain {domain!r}{what}{building}; domains with a complete table: {known}"
+
+
+def lease(pipe, domain: str, version: int) -> None:
+    """Queue (or set) the lease of a version this process is writing, renewed for another ``LEASE_S``."""
+    me = psutil.Process()
+    pipe.set(_vkey(domain, version, "lease"), f"{socket.gethostname()} {me.pid} {me.create_time()}", ex=LEASE_S)
+
+
+def _owner_gone(held: bytes | str | None, created: float) -> bool:
+    """Whether a building version's writer is gone: its lease ran out (or it never had one and is old), or the lease
+    names a process of this host that no longer runs."""
+    if held is None:
+        return time.time() - created > LEASE_S
+    host, pid, started = _text(held).split()
+    if host != socket.gethostname():
+        return False
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) > 1.0
+    except psutil.NoSuchProcess:
+        return True
+
+
+def abandoned_versions(client, domain: str, known: dict[int, dict[str, str]] | None = None) -> list[int]:
+    """The domain's "building" versions whose build or learn was killed (its owner is gone)."""
+    known = versions(client, domain) if known is None else known
+    building = [v for v, meta in known.items() if meta.get("status") == "building"]
+    pipe = client.pipeline(transaction=False)
+    for v in building:
+        pipe.get(_vkey(domain, v, "lease"))
+    held = pipe.execute() if building else []
+    return [v for v, h in zip(building, held) if _owner_gone(h, float(known[v].get("created") or 0))]
+
+
+def drop_abandoned(client, domain: str) -> list[int]:
+    """Remove the abandoned "building" versions of a domain (never the active one), so killed builds cost no memory."""
+    active = active_version(client, domain)
+    gone = [v for v in abandoned_versions(client, domain) if v != active]
+    for v in gone:
+        _delete_matching(client, _vkey(domain, v, "*"))
+    return gone
 
 
 def versions(client, domain: str) -> dict[int, dict[str, str]]:
@@ -341,8 +408,7 @@ class SemanticTable:
         self.domain = domain
         self.version = version if version is not None else active_version(client, domain)
         if self.version is None:
-            known = ", ".join(list_domains(client)) or "none"
-            raise TableNotFound(f"no complete table for domain {domain!r}; known domains: {known}")
+            raise TableNotFound(no_table_message(client, domain))
         meta = {_text(k): _text(v) for k, v in client.hgetall(_vkey(domain, self.version, "meta")).items()}
         if meta.get("status") != "complete":
             raise TableNotFound(f"version {self.version} of {domain!r} is {meta.get('status', 'missing')}, not complete")

@@ -246,3 +246,25 @@ def test_a_store_lost_while_a_command_runs_is_one_line(tmp_path):
     finally:
         server.execute_command("CLIENT", "UNPAUSE")
         server.shutdown()
+
+
+KILLED_BUILD = """
+import os, signal
+from overlay import store
+from overlay.table import build_table
+def die(done, total):
+    os.kill(os.getpid(), signal.SIGKILL)
+build_table(store.connect(), "cut", [list(range(1, 60))], vocab_size=64, batch=10, on_flush=die)
+"""
+
+
+def test_table_list_names_abandoned_versions_and_how_they_go(home):
+    """A build killed mid-write shows as abandoned in `table list`, with how it is removed."""
+    import os
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KILLED_BUILD], env=os.environ | {store.ENV_HOME: str(home)}, timeout=120)
+    assert done.returncode == -9
+    listed = run("table", "list").output
+    assert "building (abandoned)" in listed
+    assert "cut: v1 abandoned" in listed and "overlay table drop cut --old" in listed

@@ -234,6 +234,7 @@ def test_an_exception_mid_copy_keeps_the_active_version_and_leaves_nothing(redis
 
 
 def test_a_killed_learn_leaves_a_building_version_that_never_becomes_active(redis_client, tok, texts):
+    """The copy a SIGKILLed learn leaves is never read, is reported abandoned, and the next learn removes it."""
     build(redis_client, "killed", texts[:20], tok)
     neighbours = tbl.SemanticTable(redis_client, "killed").neighbours(encode(tok, "<THOUGHT> Natalia sold"), 8)
     seqs = json.dumps([encode(tok, texts[45])])
@@ -245,10 +246,29 @@ def test_a_killed_learn_leaves_a_building_version_that_never_becomes_active(redi
     assert tbl.SemanticTable(redis_client, "killed").neighbours(encode(tok, "<THOUGHT> Natalia sold"), 8) == neighbours
     with pytest.raises(tbl.TableNotFound, match="building"):
         tbl.SemanticTable(redis_client, "killed", 2)
+    assert tbl.abandoned_versions(redis_client, "killed") == [2]
     assert learn_version(redis_client, "killed", [(encode(tok, texts[45]), 1.0)], source="again") == 3
+    assert sorted(tbl.versions(redis_client, "killed")) == [1, 3]
+    assert not list(redis_client.scan_iter(match="ovl:killed:v2:*"))
     build(redis_client, "killed-scratch", [*texts[:20], texts[45]], tok)
     assert dump(redis_client, "killed", 3) == dump(redis_client, "killed-scratch", 1)
-    assert tbl.drop_table(redis_client, "killed", keep_active=True) == [1, 2]
+    assert not list(redis_client.scan_iter(match="ovl:killed:v3:lease"))
+    assert tbl.drop_table(redis_client, "killed", keep_active=True) == [1]
+
+
+def test_a_learn_in_progress_is_not_abandoned(redis_client, tok, texts):
+    """A building version whose writer still runs (here: this process, mid-learn) is left alone by another learn."""
+    build(redis_client, "busy", texts[:20], tok)
+    seen = []
+
+    def meanwhile(done: int, total: int) -> None:
+        if not seen:
+            seen.append(tbl.abandoned_versions(redis_client, "busy"))
+            seen.append(learn_version(redis_client, "busy", [(encode(tok, texts[46]), 1.0)], source="inner"))
+
+    assert learn_version(redis_client, "busy", [(encode(tok, texts[45]), 1.0)], source="outer", batch=20,
+                         on_flush=meanwhile) == 2
+    assert seen == [[], 3] and tbl.active_version(redis_client, "busy") == 3
 
 
 def test_learning_on_a_redis_cluster_copies_within_each_slot(redis_cluster, redis_client, tok, texts):
@@ -304,6 +324,7 @@ def test_a_kill_during_apply_loses_nothing_and_applies_nothing_twice(redis_clien
     report = apply_feedback(redis_client, "fb-kill")
     assert report.version == 3 and [(i.id, i.verdict, i.answer) for i in report.items] == [
         (first, "correct", None), (second, "wrong", "73")]
+    assert sorted(tbl.versions(redis_client, "fb-kill")) == [1, 3]  # the killed apply's copy is gone
     assert report.summary() == ("applied 2 feedback item(s) to fb-kill: 1 correct (raised), 1 wrong (lowered) → v3 "
                                 "(was v1)")
     build(redis_client, "fb-kill-scratch", [*texts[1:20], texts[45]], tok)  # the wrong chain lowered, nothing invented

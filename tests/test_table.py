@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from redis.crc import key_slot
@@ -74,7 +78,7 @@ def test_bad_inputs(redis_client):
         table.neighbours([1, 99])
     with pytest.raises(ValueError, match="k must be"):
         table.neighbours([1], k=0)
-    with pytest.raises(tbl.TableNotFound, match="known domains: tiny"):
+    with pytest.raises(tbl.TableNotFound, match="domains with a complete table: tiny$"):
         tbl.SemanticTable(redis_client, "nope")
     with pytest.raises(ValueError, match="invalid domain"):
         tbl.SemanticTable(redis_client, "a b{c}")
@@ -209,3 +213,45 @@ def test_lookup_script_fallback_and_cache_agree(redis_client):
     assert cached.neighbours_batch(contexts, 4) == expected  # now from the cache
     cached.neighbours(contexts[1], 4).ids.append(99)  # callers get copies
     assert cached.neighbours(contexts[1], 4) == expected[1]
+
+
+KILLED_BUILD = """
+import os, signal, sys, redis
+from overlay.table import build_table
+client = redis.Redis(unix_socket_path=sys.argv[1])
+def die(done, total):
+    if done >= 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+build_table(client, sys.argv[2], [list(range(1, 60)) * 3], vocab_size=64, max_order=3, batch=10, on_flush=die)
+"""
+
+
+def test_a_killed_build_is_abandoned_and_removed_by_the_next_build(redis_client):
+    """A build SIGKILLed mid-write leaves a "building" version that is never read, is reported abandoned (its
+    process is gone), and is removed by the next build; only-building domains are not offered as tables."""
+    done = subprocess.run([sys.executable, "-c", KILLED_BUILD, redis_client.socket_file, "half"], timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert tbl.versions(redis_client, "half")[1]["status"] == "building"
+    assert list(redis_client.scan_iter(match="ovl:half:v1:o*"))
+    assert tbl.abandoned_versions(redis_client, "half") == [1]
+    build(redis_client)
+    with pytest.raises(tbl.TableNotFound) as err:
+        tbl.SemanticTable(redis_client, "half")
+    assert str(err.value) == ("no complete table for domain 'half' (its versions are still being built, or were "
+                              "abandoned); domains with a complete table: tiny")
+    build(redis_client, "half")
+    assert sorted(tbl.versions(redis_client, "half")) == [2] and tbl.active_version(redis_client, "half") == 2
+    assert not list(redis_client.scan_iter(match="ovl:half:v1:*"))
+    assert not list(redis_client.scan_iter(match="ovl:*:lease"))
+
+
+def test_a_building_version_of_a_live_process_is_not_abandoned(redis_client):
+    """This process's own unfinished build holds a lease naming a running process: it is not abandoned."""
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(redis_client, seqs=[[5, 6, 7, 8, 9, 5, 6]], batch=2, on_flush=stop)
+    assert tbl.abandoned_versions(redis_client, "tiny") == []
+    build(redis_client)
+    assert sorted(tbl.versions(redis_client, "tiny")) == [1, 2]
