@@ -512,9 +512,13 @@ def step_line(tag: str, text: str, previous: str, verdict: Mapping[str, str] | N
 
 
 def chat_text(result: Any) -> str:
-    """A decoded chain as Markdown for a chat window: the answer first, then one line per step with its tag shown
-    (a Markdown chat takes a bare `<THOUGHT>` for HTML and `*` for emphasis), tool results and CHECK verdicts marked."""
-    answer = f"**Answer: {md_escape(result.answer)}**" if result.answer is not None else "**No answer**"
+    """A decoded chain as Markdown for a chat window: the answer first (saying when its checks failed), then one line
+    per step with its tag shown (a Markdown chat takes a bare `<THOUGHT>` for HTML and `*` for emphasis), tool results
+    and CHECK verdicts marked."""
+    failed = sum(v["verdict"] == "fail" for v in result.verdicts)
+    checked = "" if not failed else " — its check failed" if len(result.verdicts) == 1 else \
+        f" — {failed} of its {len(result.verdicts)} checks failed"
+    answer = f"**Answer: {md_escape(result.answer)}{checked}**" if result.answer is not None else "**No answer**"
     lines = [answer, ""]
     verdicts = iter(result.verdicts)
     previous = ""

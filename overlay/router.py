@@ -185,7 +185,16 @@ class Router:
         return None
 
     def finish(self) -> RouterEvent | None:
-        """End the stream without `<EOS>` (e.g. at max tokens): act on the open step, mark done."""
+        """End the stream without `<EOS>` (e.g. at max tokens): act on the open step, mark done. An open ACTION or
+        CHECK was cut before it ended, so it is recorded as cut instead of being run or verified."""
+        if self._tag in ("ACTION", "CHECK"):
+            step = Step(self._tag, " ".join(self.sep.join(self._parts).split()), self._start, self.position)
+            self.steps.append(step)
+            self._tag, self._parts = None, []
+            self.done = True
+            what = "run" if step.tag == "ACTION" else "verified"
+            return self._error(f"the chain was cut inside this {step.tag} ({step.text[:60]!r}) by its end (the token "
+                               f"limit or another stop), so it was not {what}", step)
         event = self._close(self.position)
         self.done = True
         return event

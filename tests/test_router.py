@@ -192,3 +192,20 @@ def test_router_resume_mid_chain(cut: int) -> None:
     events += run(resumed, items[cut:])
     assert resumed.to_dict() == uninterrupted.to_dict()
     assert [e.kind for e in events] == ["inject", "inject", "verdict", "answer"]
+
+
+@pytest.mark.parametrize("tag", ["ACTION", "CHECK"])
+def test_a_chain_cut_inside_an_action_or_check_says_so(tag: str) -> None:
+    """A stream that ends inside an ACTION or CHECK (the token limit) records the step as cut, not as a malformed call
+    or an unverifiable claim."""
+    router = Router()
+    router.feed(f"<{tag}>", is_tag=True)
+    for piece in ("CALL calc(144-" if tag == "ACTION" else "calc(144-144) =").split():
+        router.feed(piece)
+    event = router.finish()
+    assert event.kind == "error" and router.done
+    assert router.tool_calls == [] and router.verdicts == []
+    assert router.steps[-1].tag == tag
+    assert router.errors == [f"step 0 ({tag}): the chain was cut inside this {tag} "
+                             f"({router.steps[-1].text!r}) by its end (the token limit or another stop), so it was not "
+                             f"{'run' if tag == 'ACTION' else 'verified'}"]

@@ -123,7 +123,7 @@ def test_tags_products_results_and_verdicts_stay_visible_in_a_markdown_chat():
         tool_calls=[], errors=["step 4 (ACTION): division by zero"], trace={}, tokens=40, seconds=0.1)
     chat = chat_text(result)
     assert chat.splitlines() == [
-        "**Answer: 200**", "",
+        "**Answer: 200 — 1 of its 2 checks failed**", "",
         r"- **\<THOUGHT\>** 100\*2 pens at \$1 each, not \<b\>bold\</b\> nor \_x\_ \~y\~",
         r"- **\<ACTION\>** CALL calc(100\*2)", r"- **\<RESULT\>** **200** (tool result)",
         r"- **\<ACTION\>** CALL calc(1/0)", r"- **\<RESULT\>** ⚠ tool error: division by zero",
@@ -254,3 +254,12 @@ def test_bad_wiring_and_settings_give_one_readable_line(overlay_model, wired, mo
     with pytest.raises(NodeError) as info:
         OverlayDecoderComponent(question=QUESTION, **inputs).get_chain()
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_answer_whose_only_check_failed_says_so():
+    result = DecodeResult(
+        question="q", text="", answer="864", stop_reason="answer",
+        steps=[{"tag": "CHECK", "text": "2*2 = 5"}, {"tag": "ANSWER", "text": "864"}],
+        verdicts=[{"claim": "2*2 = 5", "verdict": "fail", "reason": "sides differ: 4 vs 5"}],
+        tool_calls=[], errors=[], trace={}, tokens=9, seconds=0.1)
+    assert chat_text(result).splitlines()[0] == "**Answer: 864 — its check failed**"
