@@ -43,6 +43,18 @@ _BIN_OPS: dict[type, str] = {
     ast.Pow: "**",
 }
 _UNARY_OPS = (ast.USub, ast.UAdd)
+# How a person names what the calculator refuses (never Python's AST class names).
+_OP_WORDS: dict[type, str] = {ast.BitAnd: "'&'", ast.BitOr: "'|'", ast.BitXor: "'^'", ast.LShift: "'<<'",
+                              ast.RShift: "'>>'", ast.MatMult: "'@'", ast.Invert: "'~'", ast.Not: "'not'"}
+_NODE_WORDS: dict[type, str] = {
+    ast.IfExp: "conditional expressions (… if … else …) are", ast.List: "lists are", ast.Tuple: "tuples are",
+    ast.Set: "sets are", ast.Dict: "dictionaries are", ast.Subscript: "indexing with [ ] is", ast.Slice: "slices are",
+    ast.ListComp: "comprehensions are", ast.SetComp: "comprehensions are", ast.DictComp: "comprehensions are",
+    ast.GeneratorExp: "comprehensions are", ast.JoinedStr: "f-strings are", ast.Starred: "'*' unpacking is",
+    ast.NamedExpr: "assignments (:=) are", ast.Await: "'await' is", ast.Yield: "'yield' is", ast.YieldFrom: "'yield' is",
+}
+ALLOWED = "numbers, + - * / // % ** and parentheses"
+_THOUSANDS = re.compile(r"(?<=\d),\d{3}(?!\d)")
 
 
 class ToolError(ValueError):
@@ -76,15 +88,13 @@ def _describe(node: ast.AST) -> str:
         return "comparisons are not allowed"
     if isinstance(node, ast.BoolOp):
         return "boolean operators are not allowed"
-    if isinstance(node, ast.BinOp):
-        return f"operator {type(node.op).__name__} is not allowed"
-    if isinstance(node, ast.UnaryOp):
-        return f"unary operator {type(node.op).__name__} is not allowed"
+    if isinstance(node, (ast.BinOp, ast.UnaryOp)):
+        return f"operator {_OP_WORDS.get(type(node.op), 'here')} is not allowed (only {ALLOWED})"
     if isinstance(node, ast.Constant):
         if isinstance(node.value, (str, bytes)):
             return "strings are not allowed"
         return f"constant {node.value!r} is not allowed"
-    return f"{type(node).__name__} is not allowed"
+    return f"{_NODE_WORDS.get(type(node), 'this kind of expression is')} not allowed (only {ALLOWED})"
 
 
 def _check_magnitude(value: Fraction, node: ast.AST) -> Fraction:
@@ -185,7 +195,10 @@ def evaluate(expression: str) -> Fraction:
         raise _fail(f"expression is {len(expression)} characters long (limit {MAX_EXPRESSION_CHARS})")
     for column, char in enumerate(expression):
         if char == ",":
-            raise ToolError("calc: commas are not allowed (remove thousands separators first)", column)
+            thousands = _THOUSANDS.match(expression, column)
+            raise ToolError("calc: commas are not allowed (" + (
+                "remove thousands separators first" if thousands else
+                "calc takes one expression, not a list of values") + ")", column)
         if not char.isascii() or (not char.isprintable() and not char.isspace()):
             raise ToolError(f"calc: unexpected character {char!r}", column)
     source = " ".join(expression.splitlines()).replace("\t", " ").strip()
@@ -195,7 +208,8 @@ def evaluate(expression: str) -> Fraction:
         tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:
         column = max((exc.offset or 1) - 1, 0)
-        raise ToolError(f"calc: invalid syntax ({exc.msg})", column) from None
+        detail = "" if exc.msg == "invalid syntax" else f": {exc.msg}"
+        raise ToolError(f"calc: invalid syntax{detail}", column) from None
     except (ValueError, RecursionError, MemoryError) as exc:
         raise _fail(f"could not parse expression ({type(exc).__name__})") from None
     _validate(tree)

@@ -89,8 +89,8 @@ def test_calc_table(expression: str, expected: str) -> None:
         ("1 and 2", "boolean operators"),
         ("True + 1", "constant True"),
         ("1j", "constant 1j"),
-        ("3 & 1", "operator BitAnd"),
-        ("~1", "unary operator Invert"),
+        ("3 & 1", "operator '&' is not allowed"),
+        ("~1", "operator '~' is not allowed"),
         ("1,000", "commas are not allowed"),
         ("0x10", "only decimal numbers"),
         ("1" * 31, "longer than 30 digits"),
@@ -100,7 +100,7 @@ def test_calc_table(expression: str, expected: str) -> None:
         ("", "empty expression"),
         ("3 × 4", "unexpected character"),
         ("[1, 2]", "commas"),
-        ("[1]", "List is not allowed"),
+        ("[1]", "lists are not allowed"),
     ],
 )
 def test_calc_rejects_quickly_with_clear_error(expression: str, message: str) -> None:
@@ -271,3 +271,19 @@ def test_entry_point_plugins(tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: 
     assert get_tool("shout").description == "Shout the arguments."
     assert run_tool_call("CALL shout(hey)").output == "HEY!"
     assert any("broken" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(("call", "error"), [
+    ("CALL calc(1,2)", "calc: commas are not allowed (calc takes one expression, not a list of values) at column 1"),
+    ("CALL calc(1,000 / 4)", "calc: commas are not allowed (remove thousands separators first) at column 1"),
+    ("CALL calc(1 +)", "calc: invalid syntax at column 0"),
+    ("CALL calc(1 if 2 else 3)", "calc: conditional expressions (… if … else …) are not allowed (only numbers, "
+                                 "+ - * / // % ** and parentheses) at column 0"),
+    ("CALL calc([1])", "calc: lists are not allowed (only numbers, + - * / // % ** and parentheses) at column 0"),
+])
+def test_calculator_errors_are_plain_words(call: str, error: str) -> None:
+    """No Python AST class names, no repeated '(invalid syntax)', and a comma blames thousands separators only
+    where it looks like one."""
+    assert run_tool_call(call).error == error
+    with pytest.raises(ToolError, match=r"^calc: invalid syntax: '\(' was never closed at column 0$"):
+        calc("(1")
