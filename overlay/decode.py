@@ -618,15 +618,24 @@ def adapter_for(model_dir: str | Path, domain: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _base(model_dir: str, device: str, fingerprint: tuple) -> tuple[Any, Any]:
-    """One loaded base (with every adapter of its folder, none merged) per model folder and its files."""
+    """One loaded base (with every adapter of its folder, none merged) per model folder and its files; loaded without
+    transformers' "Loading weights" progress bar, which would otherwise land on every command's and server's stderr."""
+    from transformers.utils import logging as hf_logging
+
     from overlay.selector import load_selector
 
-    model, tokenizer = load_selector(model_dir, device=device)
-    names = sorted(p.parent.name for p in Path(model_dir).glob("adapters/*/adapter_config.json"))
-    if names:
-        from overlay.train import load_adapters
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, tokenizer = load_selector(model_dir, device=device)
+        names = sorted(p.parent.name for p in Path(model_dir).glob("adapters/*/adapter_config.json"))
+        if names:
+            from overlay.train import load_adapters
 
-        model = load_adapters(model_dir, names, device)
+            model = load_adapters(model_dir, names, device)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 

@@ -329,3 +329,4 @@ def test_a_serving_process_answers_after_its_embedded_redis_is_killed(overlay_mo
         child.stdin.close()
         child.wait(timeout=60)
         server.shutdown()
+    assert "Loading weights" not in (tmp_path / "serve.log").read_text()  # no progress bar in a server's log
