@@ -44,7 +44,7 @@ class FlowSpec:
 FLOWS = (
     FlowSpec(
         name="overlay_reasoning",
-        description="Question → Overlay Decoder (GetNeighbours, IT-LM Selector, Score Accumulator, Tag Router) → "
+        description="Question → Chain Decoder (GetNeighbours, IT-LM Selector, Accumulator, Tag Router) → "
                     "chain, with the per-token trace as a second output. Configure with OVERLAY_DOMAIN, "
                     "OVERLAY_MODEL_DIR and OVERLAY_REDIS_URL, or tweaks.",
         nodes={"question": "ChatInput", "table": "OverlayGetNeighbours", "selector": "OverlaySelector",

@@ -317,3 +317,12 @@ def test_bad_input_gives_one_readable_line_and_the_server_keeps_serving(served, 
     assert all(leak not in text for leak in ("Traceback", 'File "', ".py", str(ROOT), "site-packages", "Loading weights"))
     good = run(served, flow_json("overlay_reasoning")["id"], QUESTIONS[1])
     assert good.status_code == 200 and good.json()["result"] == expected_chain(overlay_model, QUESTIONS[1])
+
+
+def test_each_flow_description_names_its_nodes_as_shown():
+    """A flow's description names its overlay nodes by the names the sidebar and canvas show (display_name)."""
+    shown = {cls.name: cls.display_name for cls in components()}
+    for spec in FLOWS:
+        for kind in spec.nodes.values():
+            if kind in shown:
+                assert shown[kind] in spec.description, f"{spec.name}: {shown[kind]!r} not in its description"
