@@ -10,7 +10,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-import click
 import redis
 import typer
 from rich.console import Console
@@ -31,7 +30,7 @@ from overlay.variants import VariantConfig, VariantError, stellator
 class StoreGuard(TyperGroup):
     """The root command group: a Redis store lost while any command runs ends it with one line, not a traceback."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         """Run the command; map a lost connection (refused, reset, timed out) to the one-line error."""
         try:
             return super().invoke(ctx)
