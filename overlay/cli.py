@@ -114,7 +114,8 @@ def field_map(question_field: Optional[list[str]], steps_field: str, answer_fiel
 
 
 def load_or_fail(data: Path, fmt: str, fields: dict[str, Any], limit: Optional[int] = None):
-    """Convert a dataset file to chains, or exit with one line saying why no record converted."""
+    """Convert a dataset file to chains, or exit with one line saying why no record converted; warns on one line when
+    the field mapping looks wrong (most answers not numbers, or most records noisy)."""
     from overlay.chains import load_chains
 
     try:
@@ -123,7 +124,17 @@ def load_or_fail(data: Path, fmt: str, fields: dict[str, Any], limit: Optional[i
         fail(str(exc))
     if not report.chains:
         fail(f"{data}: no record could be converted to a chain ({report.summary()})")
+    warn_mapping(data, report, fields)
     return report
+
+
+def warn_mapping(data: Path, report: Any, fields: Optional[dict[str, Any]]) -> None:
+    """Print one warning line on stderr when the converted chains' answers say the field mapping looks wrong."""
+    from overlay.dataset import answer_warning
+
+    warning = answer_warning(report.chains, report.noisy, (fields or {}).get("answer_field", "answer"))
+    if warning:
+        err_console.print(f"[bold yellow]warning:[/] {escape(f'{data}: {warning}')}")
 
 
 def dataclass_command(target: typer.Typer, name: str, cls: type, run: Callable[..., None],
@@ -156,6 +167,7 @@ def build_from_file(client, data: Path, fmt: str, domain: str, *, max_order: int
         except (ChainFormatError, ValueError, OSError) as exc:
             fail(str(exc))
     console.print(report.summary())
+    warn_mapping(data, report, fields)
     used_after = client.info("memory").get("used_memory", 0)
     console.print(
         f"[green]built[/] {domain} v{stats.version}: {stats.sequences} chains, {stats.tokens} tokens, "
@@ -390,8 +402,9 @@ def table_learn(domain: str = typer.Argument(DEFAULT_DOMAIN, envvar=ENV_DOMAIN, 
 def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional[int], redis_url: Optional[str],
                    question_field: Optional[list[str]], steps_field: str, answer_field: str, equation_field: str,
                    variants: int, **config: Any) -> None:
-    """Cut chains into token-level windows with the table's candidates, written as Parquet shards."""
-    from overlay.dataset import DatasetConfig, build_dataset
+    """Cut chains into token-level windows with the table's candidates, written as Parquet shards; with --variants,
+    every source chain plus the stellator variants of those that can become tracks."""
+    from overlay.dataset import DatasetConfig, build_dataset, with_variants
 
     try:
         cfg = DatasetConfig(**config)
@@ -400,13 +413,9 @@ def _dataset_build(data: Path, fmt: str, domain: str, out: Path, limit: Optional
     report = load_or_fail(data, fmt, field_map(question_field, steps_field, answer_field, equation_field), limit)
     chains = report.chains
     if variants:
-        try:
-            vset, stats = stellator(chains, VariantConfig(variants=variants, heldout=0, seed=cfg.seed))
-        except VariantError as exc:
-            fail(str(exc))
-        chains = [v.chain for v in vset.train]
-        console.print(f"stellator: {stats['tracks']} of {stats['chains']} chains became tracks, "
-                      f"{stats['variants']} variants added ({stats['verified']} verified)")
+        chains, lines = with_variants(chains, variants, cfg.seed)
+        for line in lines:
+            console.print(escape(line))
     table = open_table(client_or_fail(redis_url), domain)
     start = time.perf_counter()
     try:
@@ -623,6 +632,22 @@ def model_dir_for(domain: str, model: Optional[Path]) -> Path:
 
 @app.command()
 def generate(
+    console.print(track_line(result.tracks))
+
+
+def track_line(tracks: list[dict[str, Any]]) -> str:
+    """Which retrieved track the chain followed (rank, similarity, the chooser's p, decisions taken from it), or that
+    the chooser refused them all."""
+    if not tracks:
+        return "track: none retrieved (no track memory, or nothing alike)"
+    followed = next((t for t in tracks if t.get("followed")), None)
+    if followed is None:
+        best = max(tracks, key=lambda t: t["p"])
+        return f"track: all {len(tracks)} retrieved refused (best p {best['p']:.2f}); the table and the selector decoded alone"
+    left = ", then left it" if followed.get("left_track") else ""
+    return (f"track: followed rank {followed['rank'] + 1} of {len(tracks)} (similarity {followed['similarity']:.2f}, "
+            f"p {followed['p']:.2f}) for {followed.get('followed_decisions', 0)} decisions{left}: "
+            f"{escape(followed['question'][:80])}")
     question: str = typer.Argument(..., help="The question to reason about."),
     domain: str = DOMAIN,
     model: Optional[Path] = typer.Option(None, "--model", help="Selector folder (default: $OVERLAY_HOME/models/DOMAIN)."),
@@ -703,6 +728,14 @@ def quickstart(
     console.print(f"[bold green]report:[/] {report}")
 
 
+
+    results = json.loads((report / "eval.json").read_text())
+    variants = results["variants"]
+    right = round(variants["overlay"]["exact_match"] * variants["questions"])
+    console.print(f"[bold]held-out variants answered right: {right} of {variants['questions']}[/] (overlay following "
+                  f"the tracks; table alone {round(variants['table_only']['exact_match'] * variants['questions'])}"
+                  + (f", top-1 track alone {round(variants['track_only']['exact_match'] * variants['questions'])}"
+                     if "track_only" in variants else "") + ")")
 
 dataclass_command(app, "improve", ImproveConfig, _improve,
                   {"model": (Optional[Path], typer.Option(None, "--model", help="Selector folder to start from "

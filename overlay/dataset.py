@@ -339,3 +339,39 @@ def load_dataset(folder: str | Path, expect_tokenizer_hash: str | None = None,
     if data.num_rows != manifest.rows:
         raise ValueError(f"dataset {folder} has {data.num_rows} rows but its manifest says {manifest.rows}")
     return manifest, data
+
+
+def with_variants(chains: Sequence[Chain], variants: int, seed: int = 0) -> tuple[list[Chain], list[str]]:
+    """Every source chain plus up to ``variants`` stellator variants of each chain that can become a track, and the
+    lines that say what was added and why the other chains have none (no source chain is ever dropped)."""
+    from overlay.variants import VariantConfig, VariantError, stellator
+
+    try:
+        vset, stats = stellator(chains, VariantConfig(variants=variants, heldout=0, seed=seed))
+    except VariantError as exc:
+        return list(chains), [f"stellator: no variants ({exc}); training on the {len(chains)} source chains alone"]
+    added = [v.chain for v in vset.train if v.index]
+    lines = [f"stellator: {stats['tracks']} of {stats['chains']} chains became tracks and gained {len(added)} "
+             f"variants ({stats['verified']} of {len(vset.variants)} sources and variants verify); training on all "
+             f"{len(chains)} source chains + {len(added)} variants"]
+    if stats["chains_skipped"]:
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in stats["chains_skipped"].items())
+        lines.append(f"{stats['chains'] - stats['tracks']} chains kept without variants — {reasons}")
+    return [*chains, *added], lines
+
+
+def answer_warning(chains: Sequence[Chain], noisy: int, answer_field: str) -> str | None:
+    """One line when a field mapping looks wrong: most gold answers are not numbers, or most records are noisy (their
+    CHECK could not be derived from the steps), so exact-match would score 0 without saying why; else None."""
+    from overlay.router import extract_answer
+
+    words = [c.answer for c in chains if extract_answer(c.answer) is None]
+    parts = []
+    if 2 * len(words) > len(chains):
+        parts.append(f"{len(words)} of {len(chains)} gold answers are not numbers (e.g. {words[0]!r})")
+    if 2 * noisy > len(chains):
+        parts.append(f"{noisy} of {len(chains)} records are noisy (their CHECK is not derived from the steps)")
+    if not parts:
+        return None
+    return (f"{' and '.join(parts)}: is --answer-field {answer_field!r} the field with the numeric answer? "
+            "Exact-match against these answers would score 0")

@@ -268,3 +268,15 @@ def test_table_list_names_abandoned_versions_and_how_they_go(home):
     listed = run("table", "list").output
     assert "building (abandoned)" in listed
     assert "cut: v1 abandoned" in listed and "overlay table drop cut --old" in listed
+
+
+def test_a_field_mapping_that_makes_answers_letters_is_warned_on_one_line(home, tmp_path):
+    records = [{"question": f"Which is {n} + 1? A) {n + 1} B) {n}", "steps": [f"{n} + 1 = {n + 1}"], "correct": "A"}
+               for n in range(10)]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = runner.invoke(app, ["table", "build", "--data", str(data), "--format", "jsonl", "--answer-field",
+                                 "correct", "--domain", "mc"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("warning: ")
+    assert "10 of 10 gold answers are not numbers" in result.stderr

@@ -9,8 +9,8 @@ import pyarrow.compute as pc
 import pytest
 
 from overlay.chains import Chain, load_chains
-from overlay.dataset import (MISSING_WEIGHT, DatasetConfig, build_dataset, load_dataset, target_mask, token_tags,
-                             window_of)
+from overlay.dataset import (MISSING_WEIGHT, DatasetConfig, answer_warning, build_dataset, load_dataset, target_mask,
+                             token_tags, window_of, with_variants)
 from overlay.table import SemanticTable, build_table
 from overlay.tokenizer import encode, load_tokenizer, tokenizer_hash, train_tokenizer
 
@@ -186,3 +186,26 @@ def test_table_built_with_other_tokenizer_is_refused(redis_client, tok, tmp_path
     with pytest.raises(ValueError, match="feedfacefeedface"):
         build_dataset(SemanticTable(redis_client, "tiny"), tok, [A], tmp_path)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_variants_keep_every_source_chain_and_say_why_others_have_none():
+    """--variants adds variants where a chain becomes a track and never drops a source chain."""
+    chains = load_chains(DATA / "gsm8k_train_sample.jsonl", limit=40).chains
+    out, lines = with_variants(chains, 2, seed=0)
+    assert out[:len(chains)] == chains and len(out) > len(chains)
+    assert lines[0].startswith("stellator: ") and f"training on all {len(chains)} source chains + " in lines[0]
+    tracks = int(lines[0].split()[1])
+    if tracks < len(chains):
+        assert lines[1].startswith(f"{len(chains) - tracks} chains kept without variants — ")
+
+
+def test_a_mapping_whose_answers_are_letters_is_named_on_one_line(tmp_path):
+    records = [{"question": f"Which is {n} + 1? A) {n + 1} B) {n}", "steps": [f"{n} + 1 = {n + 1}"], "correct": "A"}
+               for n in range(10)]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = load_chains(data, "jsonl", answer_field="correct")
+    warning = answer_warning(report.chains, report.noisy, "correct")
+    assert warning.startswith("10 of 10 gold answers are not numbers (e.g. 'A')") and "\n" not in warning
+    assert "--answer-field 'correct'" in warning
+    assert answer_warning(load_chains(DATA / "gsm8k_train_sample.jsonl", limit=20).chains, 0, "answer") is None
