@@ -170,8 +170,12 @@ class OverlayDecoder:
     stage_seconds: dict[str, float] | None = None
 
     def __init__(self, table: SemanticTable, model: torch.nn.Module | None, tokenizer, config: DecodeConfig | None = None,
-                 sessions: SessionStore | None = None, adapter: str = "", tracks: Any = None):
+                 sessions: SessionStore | None = None, adapter: str = "", tracks: Any = "auto"):
         self.table = table
+        if tracks == "auto":  # the table version's own track memory, when it has one and a selector decodes
+            from overlay.tracks import open_tracks
+
+            tracks = open_tracks(table) if model is not None else None
         self.tracks = tracks  # a tracks.TrackMemory, or None: no track is followed
         self.adapter = adapter
         self.model = model.eval() if model is not None else None
@@ -648,10 +652,8 @@ def _cached(domain: str, model_dir: str, redis_url: str | None, device: str, con
     table = SemanticTable(client, domain, version)
     model, tokenizer = _base(model_dir, device, fingerprint)
     check_tokenizers({f"table {domain!r} v{table.version}": table.meta.get("tokenizer_hash"), f"model {model_dir}": tokenizer})
-    from overlay.tracks import open_tracks
-
     decoder = OverlayDecoder(table, model, tokenizer, DecodeConfig(**dict(config)), SessionStore(client),
-                             adapter_for(model_dir, domain), open_tracks(table))
+                             adapter_for(model_dir, domain))
     decoder.warm_up()
     return decoder
 

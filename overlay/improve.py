@@ -19,6 +19,7 @@ from overlay.chains import Chain, answers_match
 from overlay.configs import DatasetConfig, ImproveConfig, TrainConfig
 from overlay.decode import DecodeConfig, DecodeResult, OverlayDecoder
 from overlay.learn import learn_version
+from overlay.tracks import make_tracks
 from overlay.tokenizer import encode
 from overlay.vote import check_samples, decode_voted
 
@@ -150,7 +151,8 @@ def run_improve(client, domain: str, model_dir: str | Path, chains: list[Chain],
         if version is None:
             version = learn_version(client, domain, ((encode(tok, t), 1.0) for t in new),
                                     source=f"improve round {r} ({len(new)} verified chains)",
-                                    extra_meta={"improve_round": tag}) if new else table.version
+                                    extra_meta={"improve_round": tag},
+                                    tracks=make_tracks([Chain.from_text(t) for t in new])) if new else table.version
         live = _read_json(folder / "live.json")
         based_on = tbl.versions(client, domain).get(version, {}).get("based_on")
         if live is None and config.live and new and based_on:

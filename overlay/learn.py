@@ -146,6 +146,7 @@ def learn_version(
     batch: int = 1000,
     on_flush: Callable[[int, int], None] | None = None,
     on_activate: Callable[[Any, int], None] | None = None,
+    tracks: Sequence[Any] = (),
 ) -> int:
     """Write a new version: the active one (or ``base``) plus each (token ids, weight) chain's n-gram counts times its
     weight.
@@ -154,8 +155,9 @@ def learn_version(
     Context keys are copied server-side (COPY within their hash slot), the changes applied on top, and the pointer
     moved only once the version is complete; ``on_activate(pipe, version)`` queues writes in that same transaction.
     An exception removes the partial version; a killed process leaves it ``building``, never active. ``on_flush``
-    is called with (written, total) after each pipelined batch. Returns the new version (active unless a newer one
-    finished first).
+    is called with (written, total) after each pipelined batch. The base's track memory is copied too, with
+    ``tracks`` (``overlay.tracks.Track``, e.g. the verified chains) added: learning without retraining. Returns the new
+    version (active unless a newer one finished first).
     """
     check_domain(domain)
     start = time.perf_counter()
@@ -186,6 +188,9 @@ def learn_version(
     try:
         total = int(meta.get("contexts", 0)) + len(plan.zadds) + len(plan.zrems) + len(plan.deletes) + 1
         _copy_contexts(client, domain, base, version, batch, total, on_flush)
+        from overlay.tracks import carry_tracks
+
+        track_meta = carry_tracks(client, domain, base, version, tracks, batch)
         pipe = client.pipeline(transaction=False)
         members = list(unigrams.items())
         for i in range(0, len(members), batch):
@@ -200,7 +205,7 @@ def learn_version(
         pipe.execute()
         if on_flush:
             on_flush(total, total)
-        client.hset(meta_key, mapping=(extra_meta or {}) | {
+        client.hset(meta_key, mapping=(extra_meta or {}) | track_meta | {
             "status": "complete",
             "tokens": sum(unigrams.values()),
             "sequences": max(0, int(meta.get("sequences", 0)) + deltas.raised - deltas.lowered),
@@ -258,9 +263,13 @@ def learn_chains(client, domain: str, chains: Iterable[Any], weight: float = 1.0
     """Learn chain texts (or ``Chain`` objects) with one weight, tokenized with the active table's own tokenizer."""
     from overlay.tokenizer import encode
 
+    from overlay.chains import Chain
+    from overlay.tracks import make_tracks
+
     tok = SemanticTable(client, domain).tokenizer()
-    texts = (c.to_text() if hasattr(c, "to_text") else str(c) for c in chains)
-    return learn_version(client, domain, ((encode(tok, t), weight) for t in texts), source=source)
+    chains = [c if hasattr(c, "to_text") else Chain.from_text(str(c)) for c in chains]
+    return learn_version(client, domain, ((encode(tok, c.to_text()), weight) for c in chains), source=source,
+                         tracks=make_tracks(chains) if weight > 0 else ())
 
 
 # --- people's feedback -----------------------------------------------------------------------------------------
@@ -399,9 +408,14 @@ def apply_feedback(client, domain: str, *, batch: int = 1000,
     def record(pipe, version: int) -> None:
         pipe.hset(applied_key(domain), mapping=dict.fromkeys(ids, version))
 
+    from overlay.chains import Chain
+    from overlay.tracks import make_tracks
+
+    accepted = [Chain.from_text(it.text) for it in items if VERDICTS[it.verdict] > 0]
     version = learn_version(
         client, domain, [(encode(tok, it.text), VERDICTS[it.verdict]) for it in items],
         source=f"feedback {ids[0]}..{ids[-1]}", base=previous, batch=batch, on_flush=on_flush, on_activate=record,
+        tracks=make_tracks(accepted, [f"feedback-{it.id}" for it in items if VERDICTS[it.verdict] > 0]),
         extra_meta={"feedback_last_id": ids[-1], "feedback_after": last or "", "feedback_items": len(items)})
     active = active_version(client, domain) or version
     for it in items:

@@ -89,6 +89,11 @@ def _skey(domain: str, version: int, shard: int, suffix: str) -> str:
 
 
 @dataclass
+def _df_key(domain: str, version: int) -> str:
+    """The terms' document frequencies (in shard 0's slot, so a learned version COPYs it on a cluster too)."""
+    return _skey(domain, version, 0, "df")
+
+
 class Track:
     """One stored track: its id, family (the source chain it came from; variants share it), question, masked
     question, the role-abstracted chain and the source's answer."""
@@ -360,13 +365,47 @@ def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, 
             pipe.execute()
     df_items = list(index.df.items())
     for i in range(0, len(df_items), batch):
-        pipe.hset(_vkey(domain, version, "t:df"), mapping=dict(df_items[i:i + batch]))
+        pipe.hset(_df_key(domain, version), mapping=dict(df_items[i:i + batch]))
     pipe.execute()
     return {"tracks": len(tracks), "track_shards": shards, "track_families": len({t.family for t in tracks}),
             "track_chooser": json.dumps({"weights": chooser.weights, "threshold": chooser.threshold} | fitted)}
 
 
 def word_idf(index: Index) -> dict[str, float]:
+def carry_tracks(client, domain: str, base: int, version: int, new: Sequence[Track], batch: int = 1000) -> dict[str, Any]:
+    """Learning without retraining: COPY ``base``'s track memory into ``version`` (server-side, each key within its
+    slot) and add ``new`` tracks, their terms weighted with the base's statistics. Returns the meta fields to record
+    (none when the base has no track memory and nothing is added)."""
+    meta = {_text(k): _text(v) for k, v in client.hgetall(_vkey(domain, base, "meta")).items()}
+    count = int(meta.get("tracks", 0) or 0)
+    if not count:
+        return write_tracks(client, domain, version, new) if new else {}
+    src, dst = _vkey(domain, base, "t:"), _vkey(domain, version, "t:")
+    pipe = client.pipeline(transaction=False)
+    for key in client.scan_iter(match=f"{src}*", count=batch):
+        key = _text(key)
+        pipe.copy(key, dst + key[len(src):], replace=True)
+        if len(pipe) >= batch:
+            pipe.execute()
+    pipe.execute()
+    shards = int(meta.get("track_shards", SHARDS))
+    df = {_text(t): int(c) for t, c in client.hgetall(_df_key(domain, base)).items()}
+    avg = sum(terms(t.question).total() for t in new) / max(1, len(new))
+    for i, t in enumerate(new):
+        t.id = f"v{version}-{i}"
+        s = _shard(t.id, shards)
+        pipe.set(_skey(domain, version, s, f"d:{t.id}"), t.to_json())
+        bag = terms(t.question)
+        norm = K1 * (1 - B + B * sum(bag.values()) / max(avg, 1.0))
+        for term, tf in bag.items():
+            weight = idf(df.get(term, 0) + 1, count + len(new)) * tf * (K1 + 1) / (tf + norm)
+            pipe.zadd(_skey(domain, version, s, f"p:{term}"), {f"{t.family}|{t.id}": round(weight, 5)})
+            pipe.hincrby(_df_key(domain, version), term, 1)
+    pipe.execute()
+    families = int(meta.get("track_families", count)) + len({t.family for t in new})
+    return {"tracks": count + len(new), "track_families": families}
+
+
     """idf of single words (what anchors are weighted by when numbers are bound)."""
     return {t: idf(c, index.n) for t, c in index.df.items() if "_" not in t}
 
@@ -389,7 +428,7 @@ class TrackMemory:
         self.meta = meta
         spec = json.loads(meta.get("track_chooser") or "{}")
         self.chooser = Chooser(spec["weights"], spec.get("threshold", 0.5)) if spec.get("weights") else DEFAULT_CHOOSER
-        self.df = {_text(t): int(c) for t, c in client.hgetall(_vkey(domain, self.version, "t:df")).items()}
+        self.df = {_text(t): int(c) for t, c in client.hgetall(_df_key(domain, self.version)).items()}
         self.idf = {t: idf(c, self.count) for t, c in self.df.items() if "_" not in t}
         self._sha_ok = False
 

@@ -139,3 +139,25 @@ def test_get_tracks_on_a_cluster_matches_one_server(redis_cluster, redis_client,
     for variant in heldout[:10]:
         q = variant.chain.question
         assert [r.track.id for r in on_cluster.get_tracks(q)] == [r.track.id for r in single.get_tracks(q)]
+
+
+def test_a_learned_chain_becomes_a_track_of_the_next_version(redis_client, sample):
+    """Learning without retraining: chains learned (feedback, improve) join the copied track memory, so their held-out
+    variants are answered at once; the version before keeps its memory."""
+    from overlay.learn import learn_chains
+
+    chains, tracks, heldout = sample
+    before = build(redis_client, "gsm8k", chains[:10] + chains[20:], tracks[:10] + tracks[20:]).version
+    learned = [v for v in heldout if v.track in {f"gsm8k-{c.line}" for c in chains[10:20]}]
+    assert learned
+    old = TrackMemory(redis_client, "gsm8k", before)
+
+    def right(memory) -> int:
+        return sum(bool(b) and answers_match(b.answer, v.chain.answer) for v in learned
+                   for b in [memory.choose(v.chain.question)[0]])
+
+    assert right(old) <= len(learned) // 2
+    after = learn_chains(redis_client, "gsm8k", chains[10:20])
+    new = TrackMemory(redis_client, "gsm8k", after)
+    assert new.count == old.count + 10 and TrackMemory(redis_client, "gsm8k", before).count == old.count
+    assert right(new) >= 0.8 * len(learned)
