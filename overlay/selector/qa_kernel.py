@@ -4,7 +4,8 @@ the final layer norm) and ``qa_log_probs`` scores the table candidates and the c
 
 NumPy pays 1–4 µs of call overhead per operation and one token through a 2 × 128 selector is ~60 small operations
 for little arithmetic; here a token costs two calls. The C source is below; it is compiled once per machine with the
-system's C compiler (``-march=native``) into a user cache folder, keyed by source, flags and CPU (nothing is
+system's C compiler (``-march=native``) into a user cache folder, keyed by source, flags, compiler version, CPU
+model and CPU feature flags (a cache shared between hosts never loads code built for another CPU; nothing is
 downloaded, nothing is added to the install), and loaded with ctypes, which releases the GIL during a call. Without
 a compiler, or with ``OVERLAY_KERNEL=0``, ``load()`` returns None and ``QAScorer`` runs its NumPy path, which gives
 the same scores (tests/selector/test_qa_kernel.py). The weights a step streams sit in one buffer on huge pages
@@ -203,11 +204,28 @@ def cache_dir() -> Path:
 
 
 def _cpu() -> str:
-    """The CPU model (``-march=native`` code runs only where it was built)."""
+    """The CPU model and its feature flags (``-march=native`` code runs only on a CPU with the features it was built
+    for: one model name can come with different flags, e.g. under a hypervisor)."""
     try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+
+
+def _compiler_version(cc: str) -> str:
+    """The compiler's own version text (another version may emit other instructions for ``-march=native``)."""
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cache_key(cc: str) -> str:
+    """The compiled kernel's cache key: source, compiler and its version, flags, machine, CPU model and features."""
+    parts = [SOURCE, cc, _compiler_version(cc), *FLAGS, platform.machine(), _cpu()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _compiler() -> str | None:
@@ -228,8 +246,7 @@ def load() -> ctypes.CDLL | None:
         _why = "no C compiler (cc, gcc or $CC) on PATH"
         log.warning("question-aware selector: NumPy step (slower), %s", _why)
         return None
-    key = hashlib.sha256("\n".join([SOURCE, cc, *FLAGS, platform.machine(), _cpu()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"qa_kernel-{key}.so"
+    target = cache_dir() / f"qa_kernel-{cache_key(cc)}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +271,7 @@ def load() -> ctypes.CDLL | None:
     dll.qa_log_probs.argtypes = [_P] * 5 + [_L, _P, _P, _L, _L, _P]
     dll.qa_log_probs.restype = None
     _why = ""
+    log.info("question-aware selector: compiled C step (%s)", target)
     return dll
 
 
@@ -279,6 +297,7 @@ class Kernel:
         self.weights = (ctypes.c_void_p * len(self.arrays))(*(a.ctypes.data for a in self.arrays))
         self.eps = np.asarray(eps + [scorer.ln_f[2], float(scorer.scale), float(scorer.ptr_scale)], np.float32)
         self.ff = scorer.blocks[0][3][0].shape[1]
+        self.sizes = (len(scorer.wte), len(scorer.tag), len(scorer.step), len(scorer.res))  # what push may index
         self.fn, self.log_probs_fn = dll.qa_push, dll.qa_log_probs
         self.scorer = scorer
 
@@ -293,13 +312,25 @@ class Kernel:
 
     def push(self, bound: Bound, token: int, tag: int, step: int, res: int, p: int, pin_row: int) -> None:
         """One token through every block: writes its keys/values and the bias into the memory, the final hidden
-        state into the memory's ``last``."""
+        state into the memory's ``last``. Ids outside the model's tables raise IndexError (C would read past them)."""
+        vocab, tags, steps, results = self.sizes
+        if not (0 <= token < vocab and 0 <= tag < tags and 0 <= step < steps and 0 <= res < results):
+            raise IndexError(f"token {token}, tag {tag}, step {step} or result {res} is outside the model's tables "
+                             f"({vocab} tokens, {tags} tags, {steps} steps, {results} results)")
         self.fn(*bound.ptrs, token, tag, step, res, p, pin_row)
 
     def log_probs(self, bound: Bound, candidates: list[int], plan) -> np.ndarray:
         """Log-probabilities over the candidates then the plan's copy values, from the memory's final hidden state
-        (``plan``: ``QAScorer._copy_plan``, the occurrences' keys and value index with their addresses)."""
+        (``plan``: ``QAScorer._copy_plan``, the occurrences' keys and value index with their addresses). A candidate
+        id outside the vocabulary raises IndexError, as the NumPy path does, and arrays of another dtype or layout
+        raise TypeError: the C code reads exactly what it is given."""
         n, total = len(candidates), len(candidates) + len(plan.copies)
+        if n and not (0 <= min(candidates) and max(candidates) < self.sizes[0]):
+            bad = next(c for c in candidates if not 0 <= c < self.sizes[0])
+            raise IndexError(f"candidate id {bad} is outside the vocabulary of {self.sizes[0]} tokens")
+        if plan.groups.dtype != np.int64 or (plan.keys is not None and plan.keys.dtype != np.float32) or not (
+                plan.groups.flags.c_contiguous and (plan.keys is None or plan.keys.flags.c_contiguous)):
+            raise TypeError("the copy plan's keys must be C-contiguous float32 and its groups int64")
         if total > len(bound.out):
             bound.grow(total)
         bound.cands[:n] = candidates
@@ -320,6 +351,8 @@ class Bound:
         self.arrays = (self.dims, mem.keys, mem.values, mem.bias, mem.pin_pos, mem.last)
         if not all(a.flags.c_contiguous for a in self.arrays):
             raise ValueError("the chain memory's arrays must be C-contiguous")
+        if [a.dtype for a in self.arrays] != [np.int64, np.float32, np.float32, np.float32, np.int64, np.float32]:
+            raise TypeError("the chain memory's keys, values, bias must be float32 and its pin positions int64")
         self.ptrs = (self.dims.ctypes.data, ctypes.addressof(kernel.weights), kernel.eps.ctypes.data,
                      mem.keys.ctypes.data, mem.values.ctypes.data, mem.bias.ctypes.data, mem.pin_pos.ctypes.data,
                      mem.last.ctypes.data)

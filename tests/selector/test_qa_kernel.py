@@ -1,9 +1,14 @@
 """The compiled per-token step of the question-aware selector: the same scores as the NumPy fallback and the training
-forward, the same decoded chain, safe from several threads, and a fallback that says why when it cannot build."""
+forward, the same decoded chain, safe from several threads, bounds-checked like NumPy, cached per compiler version
+and CPU features, and a fallback that says why when it cannot build (tested on every machine, kernel or not)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +25,14 @@ from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
 
 from conftest import EXAMPLES
 
-pytestmark = pytest.mark.skipif(qa_kernel.load() is None, reason=f"no compiled kernel here: {qa_kernel.reason()}")
+
+
+@pytest.fixture
+def kernel():
+    """The compiled kernel (built at test time, never while collecting); tests that compare it skip without it."""
+    if qa_kernel.load() is None:
+        pytest.skip(f"no compiled kernel here: {qa_kernel.reason()}")
+    return qa_kernel.load()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +50,7 @@ def model(tok, **shape) -> QASelector:
 
 
 @pytest.mark.parametrize("shape", [{}, {"n_layer": 3, "n_head": 4, "n_embd": 64, "attn_span": 16, "result_tokens": 64}])
-def test_compiled_step_equals_numpy_and_the_training_forward(sample, shape):
+def test_compiled_step_equals_numpy_and_the_training_forward(sample, shape, kernel):
     """Token by token, the compiled step's scores, log-probabilities (one softmax over candidates and copy values),
     copy values and memory equal the NumPy fallback's (float32 rounding apart), and both equal the whole-chain
     training forward, including once tokens leave the span and results leave the result memory."""
@@ -77,7 +89,7 @@ def test_compiled_step_equals_numpy_and_the_training_forward(sample, shape):
     assert worst_pair < 1e-5 and worst_ref < 1e-4 and copies_seen > 0
 
 
-def test_decoding_gives_the_same_chain_either_way(sample, overlay_redis):
+def test_decoding_gives_the_same_chain_either_way(sample, overlay_redis, kernel):
     """A whole decoded chain (choices, copies, tool results, trace) is the same with the compiled step and the NumPy
     fallback."""
     chains, tok, _ = sample
@@ -99,7 +111,7 @@ def test_decoding_gives_the_same_chain_either_way(sample, overlay_redis):
         assert max(abs(x["score"] - y["score"]) for x, y in zip(ta, tb)) < 1e-5
 
 
-def test_chains_in_several_threads_match_one_at_a_time(sample):
+def test_chains_in_several_threads_match_one_at_a_time(sample, kernel):
     """The kernel keeps no state between calls (its scratch is on the stack, each chain owns its memory), so chains
     pushed from several threads at once end exactly where each ends alone."""
     chains, tok, numbers = sample
@@ -136,7 +148,55 @@ def test_without_a_compiler_or_when_switched_off_the_fallback_says_why(monkeypat
         monkeypatch.delenv(qa_kernel.ENV)
         monkeypatch.setattr(qa_kernel, "_compiler", lambda: None)
         assert qa_kernel.load() is None and "compiler" in qa_kernel.reason()
+        assert QAScorer(model(tok), numbers).kernel is None
     finally:
         monkeypatch.undo()
         qa_kernel.load.cache_clear()
-    assert qa_kernel.load() is not None and qa_kernel.reason() == ""
+    assert (qa_kernel.load() is None) == (qa_kernel.reason() != "")
+
+
+def test_out_of_range_ids_raise_index_error_on_either_path(sample, kernel):
+    """A candidate id past the vocabulary (or below 0), or a token id past the embeddings, raises IndexError on the
+    compiled path as on the NumPy one, instead of reading memory past the weights."""
+    chains, tok, numbers = sample
+    m = model(tok)
+    ids = encode(tok, chains[0].to_text())
+    plen = prompt_length(ids)
+    for compiled in (True, False):
+        scorer = QAScorer(m, numbers, compiled=compiled)
+        assert (scorer.kernel is not None) == compiled
+        mem = scorer.start(ids[:plen])
+        scorer.feed(mem, [2] + ids[plen:plen + 5])
+        assert len(scorer.log_probs(mem, [5, 6])[0]) >= 2
+        with pytest.raises(IndexError):
+            scorer.log_probs(mem, [5, len(tok) + 1000])
+        with pytest.raises(IndexError):
+            scorer.push(mem, len(tok) + 1000)
+    scorer = QAScorer(m, numbers)
+    mem = scorer.start(ids[:plen])
+    scorer.feed(mem, [2, 5])
+    with pytest.raises(IndexError, match="candidate id -1 is outside the vocabulary"):
+        scorer.log_probs(mem, [5, -1])
+
+
+def test_the_cache_key_follows_the_compiler_version_and_cpu_features(monkeypatch):
+    """A cache shared between hosts (NFS, a volume, CI) never hands one CPU a kernel built for another's features,
+    nor a kernel from another compiler version."""
+    key = qa_kernel.cache_key("cc")
+    monkeypatch.setattr(qa_kernel, "_cpu", lambda: "model name : same\nflags : sse2 avx2")
+    with_avx2 = qa_kernel.cache_key("cc")
+    monkeypatch.setattr(qa_kernel, "_cpu", lambda: "model name : same\nflags : sse2 avx512f")
+    assert qa_kernel.cache_key("cc") != with_avx2
+    monkeypatch.setattr(qa_kernel, "_compiler_version", lambda cc: "cc (GCC) 99.1")
+    assert qa_kernel.cache_key("cc") not in (with_avx2, key)
+    monkeypatch.undo()
+    assert "flags" in qa_kernel._cpu() or "Features" in qa_kernel._cpu() or not Path("/proc/cpuinfo").exists()
+
+
+def test_collecting_the_tests_compiles_nothing(tmp_path):
+    """Collection imports this module without building the kernel (an empty cache folder stays empty)."""
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", __file__],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.so"))
