@@ -68,6 +68,16 @@ FLOWS = (
         settings={"candidates": {"sender_name": "Overlay"}},
     ),
     FlowSpec(
+        name="get_tracks",
+        description="Question → GetTracks → the training chains (tracks) it resembles, bound to its numbers, and the "
+                    "chooser's verdict with the chain it would follow. Configure with OVERLAY_DOMAIN and "
+                    "OVERLAY_REDIS_URL, or tweaks.",
+        nodes={"question": "ChatInput", "tracks": "OverlayGetTracks", "verdict": "ChatOutput"},
+        edges=[("question", "message", "tracks", "question"), ("tracks", "verdict", "verdict", "input_value")],
+        positions={"question": (0, 0), "tracks": (520, 0), "verdict": (1040, 0)},
+        settings={"verdict": {"sender_name": "Overlay"}},
+    ),
+    FlowSpec(
         name="build_table",
         description="Dataset path → Table Builder → a new version of the domain's semantic-weight table in Redis.",
         nodes={"path": "ChatInput", "builder": "OverlayTableBuilder", "report": "ChatOutput"},

@@ -218,6 +218,86 @@ def neighbours_for_text(redis_url: str | None, domain: str | None, context: str 
 
 
 @dataclass
+class TrackRows:
+    """GetTracks' answer: one row per retrieved track, the chooser's verdict as chat Markdown, and a status line."""
+
+    rows: list[dict[str, Any]]
+    chat: str
+    status: str
+
+
+def track_verdict(found: Any, best: Any, threshold: float) -> str:
+    """What the chooser does with one retrieved track: followed, refused (unfollowable or p below the threshold), or
+    not chosen (acceptable, but another track is more probable)."""
+    if best is not None and found.track.id == best.track.id:
+        return "followed"
+    return "refused" if found.answer is None or found.p < threshold else "not chosen"
+
+
+def refusal(found: list[Any], threshold: float) -> str:
+    """Why the chooser followed none of the retrieved tracks: the best followable one's p is below the threshold, or
+    none can be followed with this question's numbers."""
+    followable = [r.p for r in found if r.answer is not None]
+    if not followable:
+        return f"none of the {len(found)} retrieved tracks can be followed with this question's numbers"
+    return f"the chooser refuses all {len(found)} retrieved tracks (best p {max(followable):.3f} < {threshold:g})"
+
+
+def tracks_chat(found: list[Any], best: Any, threshold: float, steps: list[tuple[str, str]]) -> str:
+    """GetTracks for a chat window: the chooser's verdict, the followed track's chain with this question's numbers,
+    then one line per retrieved track."""
+    if best is not None:
+        lines = [f"**Follows track {best.rank + 1}: answer {md_escape(str(best.answer))}** (p {best.p:.3f} ≥ "
+                 f"{threshold:g}, similarity {best.similarity:.3f}, binding {best.binding.confidence:.2f})", "",
+                 f"Track question: {md_escape(best.track.question)}", ""]
+        previous = ""
+        for tag, text in steps:
+            lines.append(step_line(tag.strip("<>"), text, previous, None))
+            previous = tag.strip("<>")
+    elif found:
+        lines = [f"**No track followed**: {refusal(found, threshold)}; the table and the selector decode alone"]
+    else:
+        lines = ["**No track found**: no word of the question routes into the track memory; the table and the "
+                 "selector decode alone"]
+    if found:
+        lines += ["", "Retrieved tracks:", ""]
+        lines += [f"{r.rank + 1}. {track_verdict(r, best, threshold)}: similarity {r.similarity:.3f}, binding "
+                  f"{r.binding.confidence:.2f}, answer {md_escape(str(r.answer))}, p {r.p:.3f} — "
+                  f"{md_escape(r.track.question)}" for r in found]
+    return "\n".join(lines)
+
+
+def tracks_for_question(redis_url: str | None, domain: str | None, question: str | None, k: int,
+                        version: int = 0) -> TrackRows:
+    """GetTracks on the track memory stored with the table: the top-k tracks for a question, bound to its numbers,
+    each followed with the calculator and scored by the chooser, and the chain the chooser would follow."""
+    from overlay.roles import execute, question_numbers
+    from overlay.tracks import open_tracks
+
+    if k < 1:
+        raise NodeError(f"Tracks (K) must be at least 1, got {k}")
+    text = (question or "").strip()
+    if not text:
+        raise NodeError("the question is empty: give the question to route into a track")
+    if len(text) > MAX_CONTEXT_CHARS:
+        raise NodeError(f"the question has {len(text)} characters; the limit is {MAX_CONTEXT_CHARS}")
+    table = open_table(redis_url, domain, version)
+    memory = open_tracks(table)
+    if memory is None:
+        raise NodeError(f"table {table.domain} v{table.version} has no track memory: rebuild it with the Table Builder "
+                        "node or `overlay table build` (tracks are stored with the table)")
+    best, found = memory.choose(text, k)
+    threshold = memory.chooser.threshold
+    steps = execute(best.track.chain, best.binding, question_numbers(text))[1] if best is not None else []
+    rows = [{"rank": r.rank + 1, "similarity": round(r.similarity, 4), "binding": round(r.binding.confidence, 4),
+             "answer": r.answer, "p": round(r.p, 4), "verdict": track_verdict(r, best, threshold), "track": r.track.id,
+             "question": r.track.question} for r in found]
+    verdict = f"follows track {best.rank + 1} (p {best.p:.3f})" if best is not None else "refuses every track"
+    status = f"{len(rows)} tracks from {table.domain} v{table.version}; the chooser {verdict}"
+    return TrackRows(rows, tracks_chat(found, best, threshold, steps), status)
+
+
+@dataclass
 class LoadedSelector:
     """A selector loaded by a node: model, tokenizer, the file fingerprint it was loaded from, the load time, and the
     question-aware scorer the Choice output builds on first use."""
@@ -602,6 +682,22 @@ def node_decoder(domain: str, model_dir: str, redis_url: str | None,
         return decoder, _decoder_locks.setdefault((domain, model_key), threading.Lock())
 
 
+def track_line(tracks: list[Mapping[str, Any]]) -> str:
+    """The decoder's track in one line (which retrieved track it followed: rank, similarity, p, decisions; or that the
+    chooser refused them all), so a chat shows whether the chain came from a track; empty when none was retrieved."""
+    if not tracks:
+        return ""
+    row = next((t for t in tracks if t.get("followed")), None)
+    if row is None:
+        followable = [t["p"] for t in tracks if t.get("answer") is not None]
+        why = (f"the chooser refused all {len(tracks)} retrieved tracks (best p {max(followable):.3f})" if followable
+               else f"none of the {len(tracks)} retrieved tracks could be followed")
+        return f"Track: {why}; the table and the selector decoded alone"
+    left = ", then left it" if row.get("left_track") else ""
+    return (f"Track: followed track {row['rank'] + 1} (similarity {row['similarity']:.3f}, p {row['p']:.3f}) for "
+            f"{row['followed_decisions']} decisions{left}")
+
+
 def vote_chat(vote: Any) -> str:
     """A vote as Markdown for a chat window: its summary, one line per chain, then the chosen chain (``chat_text``)."""
     lines = [f"**{md_escape(vote.summary())}**", ""]
@@ -636,6 +732,9 @@ def decode_question(question: str | None, table: Any, selector: Any, accumulator
     if vote is not None:
         status = f"{vote.summary()}; chosen chain: {status}"
     chat = vote_chat(vote) if vote is not None else chat_text(result)
+    followed = track_line(result.tracks)
+    if followed:
+        chat, status = f"{chat}\n\n{md_escape(followed)}", f"{status}; {followed}"
     return Decoded(chat, result.text, json.dumps(payload, separators=(",", ":")), status)
 
 

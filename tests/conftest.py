@@ -165,13 +165,15 @@ def overlay_redis(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
-    """Table from the first 100 sample chains, its token-level dataset, and a selector trained 100 steps (seconds)."""
+    """Table (with its track memory) from the first 100 sample chains, its token-level dataset, and a selector
+    trained 100 steps (seconds)."""
     import torch
 
     from overlay.chains import load_chains
     from overlay.dataset import DatasetConfig, build_dataset
     from overlay.table import SemanticTable, build_table
     from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
+    from overlay.tracks import make_tracks
     from overlay.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("overlay-model")
@@ -180,7 +182,8 @@ def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
     texts = [chain.to_text() for chain in chains]
     tok = train_tokenizer(texts, vocab_size=756)
     build_table(overlay_redis, "lf-test", [encode(tok, t) for t in texts], vocab_size=len(tok),
-                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3)
+                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3,
+                tracks=make_tracks(chains, [f"gsm8k-{c.line}" for c in chains]))
     build_dataset(SemanticTable(overlay_redis, "lf-test"), tok, chains, folder / "dataset",
                   DatasetConfig(window=8, candidates=16))
     threads = torch.get_num_threads()

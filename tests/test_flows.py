@@ -26,6 +26,7 @@ from overlay.learn import feedback_version
 from overlay.table import SemanticTable, active_version, build_table
 from overlay.tokenizer import encode
 from overlay_components.overlay.get_neighbours import GetNeighboursComponent
+from overlay_components.overlay.get_tracks import GetTracksComponent
 from overlay_components.overlay.overlay_decoder import OverlayDecoderComponent
 from overlay_components.overlay.score_accumulator import ScoreAccumulatorComponent
 from overlay_components.overlay.selector import ITLMSelectorComponent
@@ -135,7 +136,7 @@ def test_langflow_components_path_gives_the_overlay_category():
 def test_shipped_flows_match_their_components():
     assert drift(FLOWS_DIR) == []
     result = CliRunner().invoke(flows_app, ["check", "--dir", str(FLOWS_DIR)])
-    assert result.exit_code == 0 and "4 flows match their components" in result.output
+    assert result.exit_code == 0 and "5 flows match their components" in result.output
 
 
 def test_export_is_deterministic_and_embeds_the_component_files(tmp_path):
@@ -169,7 +170,7 @@ def test_lfx_validate_passes_at_level_4():
     deepest = subprocess.run([BIN / "lfx", "validate", "--level", "4", "--skip-components", str(FLOWS_DIR)],
                              capture_output=True, text=True, timeout=120)
     assert deepest.returncode == 0, deepest.stdout + deepest.stderr
-    assert "4 passed, 0 failed" in deepest.stdout
+    assert "5 passed, 0 failed" in deepest.stdout
     strict = subprocess.run([BIN / "lfx", "validate", "--level", "4", "--strict", "--skip-components",
                              "--skip-edge-types", "--skip-credentials", str(FLOWS_DIR)],
                             capture_output=True, text=True, timeout=120)
@@ -245,6 +246,13 @@ def test_inspect_neighbours_over_rest(served):
     assert body["success"], body
     lines = body["result"].splitlines()
     assert "token_id" in lines[0] and len(lines) == 2 + 32
+
+
+def test_get_tracks_over_rest(served, overlay_model):
+    body = run(served, flow_json("get_tracks")["id"], QUESTIONS[0]).json()
+    assert body["success"], body
+    node = GetTracksComponent(question=QUESTIONS[0], domain=overlay_model.domain, redis_url=overlay_model.redis_url)
+    assert body["result"] == node.get_verdict().text and body["result"].startswith("**Follows track 1: answer ")
 
 
 def test_build_table_over_rest(served, overlay_model):

@@ -94,7 +94,7 @@ class OverlayDecoderComponent(Component):
 
     def get_chain(self) -> Message:
         """Return the chain for a chat window: the answer, then one line per step with its tag, results and verdicts
-        (with Samples above 1, the vote and its chains first)."""
+        (with Samples above 1, the vote and its chains first), and the track it followed or that none was."""
         return Message(text=self.decoded().chat)
 
     def get_trace(self) -> Message:

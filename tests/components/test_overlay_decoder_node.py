@@ -13,8 +13,8 @@ from markdown_it import MarkdownIt
 
 from overlay.chains import load_chains
 from overlay.decode import DecodeResult, load_decoder
-from overlay.langflow_support import (NodeError, chat_text, decode_settings, jsonable, make_spec, node_decoder,
-                                      shared_selector, vote_chat)
+from overlay.langflow_support import (NodeError, chat_text, decode_settings, jsonable, make_spec, md_escape,
+                                      node_decoder, shared_selector, track_line, vote_chat)
 from overlay.table import SemanticTable, build_table
 from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
 from overlay.vote import decode_voted
@@ -62,12 +62,14 @@ def test_chain_and_trace_match_the_library_decoder(overlay_model, wired):
                             temperature=0.0, top_p=1.0, seed=0, mix=0.0, max_tokens=40, session_ttl_s=3600,
                             max_step_repeats=3, max_question_chars=2000).generate(QUESTION)
     assert raw == expected.text and raw.startswith("<Q> Natalia sold clips")
-    assert chat == chat_text(expected)
+    followed = track_line(expected.tracks)
+    assert followed.startswith("Track: ") and trace["tracks"] == expected.tracks
+    assert chat == f"{chat_text(expected)}\n\n{md_escape(followed)}"
     assert trace["text"] == raw and trace["stop_reason"] == expected.stop_reason
     assert trace["answer"] == expected.answer and trace["tokens"] == expected.tokens
     assert len(trace["trace"]["steps"]) == expected.tokens
     assert {"verdicts", "tool_calls", "steps", "errors"} <= set(trace)
-    assert component.status.startswith(f"{expected.tokens} tokens in")
+    assert component.status.startswith(f"{expected.tokens} tokens in") and component.status.endswith(f"; {followed}")
 
 
 def test_samples_vote_and_the_chat_shows_the_vote_then_the_chosen_chain(overlay_model, wired):
@@ -80,7 +82,8 @@ def test_samples_vote_and_the_chat_shows_the_vote_then_the_chosen_chain(overlay_
     chosen, vote = decode_voted(decoder, QUESTION, 3)
     assert raw == chosen.text == trace["text"] and trace["answer"] == vote.answer
     assert trace["vote"] == jsonable(vote.to_dict()) and trace["vote"]["samples"] == 3
-    assert chat == vote_chat(vote) and chat.endswith(chat_text(chosen))
+    followed = md_escape(track_line(chosen.tracks))
+    assert chat == f"{vote_chat(vote)}\n\n{followed}" and chat.endswith(f"{chat_text(chosen)}\n\n{followed}")
     lines = chat.splitlines()
     assert lines[0].startswith("**vote over 3 chains: ") and [line[:10] for line in lines[2:5]] == [
         "- chain 0 ", "- chain 1 ", "- chain 2 "]
