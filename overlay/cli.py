@@ -748,5 +748,23 @@ dataclass_command(app, "improve", ImproveConfig, _improve,
                    "replay_limit": (Optional[int], typer.Option(None, "--replay-limit", help="Only the first N of them.")),
                    "limit": LIMIT_OPT, "redis_url": URL_OPT, **FIELD_OPTS})
 
+
+@app.command("info")
+def info(redis_url: Optional[str] = REDIS_OPT) -> None:
+    """Which paths run here: the data folder, the Redis store a command would use (not started), and the selector's
+    per-token step (the compiled C kernel, or the slower NumPy path and why)."""
+    from importlib.metadata import version
+
+    from overlay.selector import qa_kernel
+
+    console.print(f"langflow-overlay {version('langflow-overlay')}")
+    console.print(f"data folder: {store.data_dir()}")
+    console.print(f"redis: {store.redact(redis_url) if redis_url else 'embedded (' + str(store.data_dir() / 'overlay.rdb') + ')'}")
+    if qa_kernel.load() is not None:
+        console.print(f"selector step: compiled C kernel (cache {qa_kernel.cache_dir()})")
+    else:
+        console.print(f"selector step: NumPy, about 2x slower ({escape(qa_kernel.reason())})")
+
+
 if __name__ == "__main__":
     app()

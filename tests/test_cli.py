@@ -280,3 +280,18 @@ def test_a_field_mapping_that_makes_answers_letters_is_warned_on_one_line(home, 
     assert result.exit_code == 0, result.output
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("warning: ")
     assert "10 of 10 gold answers are not numbers" in result.stderr
+
+
+def test_info_says_which_selector_step_runs(home, monkeypatch):
+    from overlay.selector import qa_kernel
+
+    shown = run("info").output
+    assert f"data folder: {home}" in shown and "redis: embedded" in shown
+    assert ("selector step: compiled C kernel" in shown) == (qa_kernel.load() is not None)
+    qa_kernel.load.cache_clear()
+    try:
+        monkeypatch.setenv(qa_kernel.ENV, "0")
+        assert "selector step: NumPy, about 2x slower (switched off by OVERLAY_KERNEL=0)" in run("info").output
+    finally:
+        monkeypatch.delenv(qa_kernel.ENV)
+        qa_kernel.load.cache_clear()

@@ -119,3 +119,11 @@ def test_compose_config_resolves_the_stack(compose_cli):
 def test_compose_config_refuses_a_missing_superuser_password(compose_cli):
     run = compose_config(compose_cli)
     assert run.returncode != 0 and "set LANGFLOW_SUPERUSER_PASSWORD" in run.stderr
+
+
+def test_the_image_has_a_c_compiler_and_checks_the_kernel_builds(compose):
+    """Without a compiler a container silently runs the ~2x slower NumPy step; the build fails instead."""
+    langflow = compose["services"]["langflow"]
+    text = (ROOT / langflow["build"]["context"] / langflow["build"]["dockerfile"]).read_text()
+    assert re.search(r"apt-get install .*\bgcc\b.*\blibc6-dev\b", text)
+    assert "overlay info" in text and "selector step: compiled C kernel" in text
