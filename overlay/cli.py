@@ -53,6 +53,8 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
+TRACKS_OPT = typer.Option(5, "--tracks", help="GetTracks: retrieve this many tracks per question; the chooser's "
+                          "track is followed (0: no track, the table and the selector alone).")
 # One rule for every command that reads a domain: --domain, else $OVERLAY_DOMAIN, else the quickstart's domain.
 # Only `table build` and `table drop`, which replace or delete a table, need the domain named.
 ENV_DOMAIN = "OVERLAY_DOMAIN"
@@ -444,7 +446,7 @@ def _train(**kwargs: Any) -> None:
 def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
           generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
           variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256,
-          adapter: Optional[str] = None, samples: int = 1) -> None:
+          adapter: Optional[str] = None, samples: int = 1, tracks: int = 5) -> None:
     """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
     the overlay, the full-context peer and the table alone, and vote over ``samples`` overlay chains per question."""
     from overlay.evaluate import evaluate, write_report
@@ -478,7 +480,10 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
         fail(str(exc))
     from overlay.decode import DecodeConfig
 
-    config = DecodeConfig(max_tokens=max_tokens, k_candidates=k_candidates)
+    try:
+        config = DecodeConfig(max_tokens=max_tokens, k_candidates=k_candidates, tracks=tracks)
+    except ValueError as exc:
+        fail(str(exc))
     markdown = ""
     if generate:
         results["generation"] = verification_success(table, selector, tok, report.chains[:generate], config,
@@ -588,6 +593,7 @@ def eval_command(
                                           "(default: the domain's, when the folder has one; 'none': the base alone)."),
     samples: int = typer.Option(1, "--samples", help="Also vote over N overlay chains per decoded question (chain 0 "
                                 "greedy, the others sampled) and report the vote beside greedy; 1: no vote."),
+    tracks: int = TRACKS_OPT,
     question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
     steps_field: str = FIELD_OPTS["steps_field"][1],
     answer_field: str = FIELD_OPTS["answer_field"][1],
@@ -597,7 +603,7 @@ def eval_command(
     """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
     _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url,
           field_map(question_field, steps_field, answer_field, equation_field), peer, variants, variants_data, max_tokens,
-          adapter, samples)
+          adapter, samples, tracks)
 
 
 TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",
@@ -657,6 +663,7 @@ def track_line(tracks: list[dict[str, Any]]) -> str:
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     session: Optional[str] = typer.Option(None, "--session", help="Session id: continue this chain in a later call."),
+    tracks: int = TRACKS_OPT,
     samples: int = typer.Option(1, "--samples", help="Decode N chains (chain 0 as set, the others sampled with seeds "
                                 "from --seed) and answer by majority among those whose checks all pass."),
     redis_url: Optional[str] = REDIS_OPT,
@@ -678,7 +685,7 @@ def track_line(tracks: list[dict[str, Any]]) -> str:
     client_or_fail(redis_url)
     try:
         decoder = load_decoder(domain, str(folder), redis_url, max_tokens=max_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed)
+                               top_p=top_p, seed=seed, tracks=tracks)
         loaded = time.perf_counter() - start  # load_decoder also warms the decoder up
         if samples > 1:
             result, vote = decode_voted(decoder, question, samples)
