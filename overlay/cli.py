@@ -629,15 +629,6 @@ def print_chain(result) -> None:
                   f"log-score: {trace['log_score']:.2f}  decode: {result.seconds * 1000 / max(1, result.tokens):.2f} ms/token")
     for error in result.errors:
         console.print(f"  [yellow]note:[/] {error}")
-
-
-def model_dir_for(domain: str, model: Optional[Path]) -> Path:
-    """The model folder to use: the one given, else the one quickstart/train put under the data directory."""
-    return model or store.data_dir() / "models" / domain
-
-
-@app.command()
-def generate(
     console.print(track_line(result.tracks))
 
 
@@ -654,6 +645,15 @@ def track_line(tracks: list[dict[str, Any]]) -> str:
     return (f"track: followed rank {followed['rank'] + 1} of {len(tracks)} (similarity {followed['similarity']:.2f}, "
             f"p {followed['p']:.2f}) for {followed.get('followed_decisions', 0)} decisions{left}: "
             f"{escape(followed['question'][:80])}")
+
+
+def model_dir_for(domain: str, model: Optional[Path]) -> Path:
+    """The model folder to use: the one given, else the one quickstart/train put under the data directory."""
+    return model or store.data_dir() / "models" / domain
+
+
+@app.command()
+def generate(
     question: str = typer.Argument(..., help="The question to reason about."),
     domain: str = DOMAIN,
     model: Optional[Path] = typer.Option(None, "--model", help="Selector folder (default: $OVERLAY_HOME/models/DOMAIN)."),
@@ -727,6 +727,14 @@ def quickstart(
     console.print((report / "eval.md").read_text().split("\n### ")[0])
     from overlay.decode import DecodeResult
 
+    results = json.loads((report / "eval.json").read_text())
+    variants = results["variants"]
+    right = round(variants["overlay"]["exact_match"] * variants["questions"])
+    console.print(f"[bold]held-out variants answered right: {right} of {variants['questions']}[/] (overlay following "
+                  f"the tracks; table alone {round(variants['table_only']['exact_match'] * variants['questions'])}"
+                  + (f", top-1 track alone {round(variants['track_only']['exact_match'] * variants['questions'])}"
+                     if "track_only" in variants else "") + ")")
+
     for ex in json.loads((report / "examples.json").read_text()):
         ex.pop("well_formed")
         expected, label = ex.pop("expected"), ex.pop("label")
@@ -735,14 +743,6 @@ def quickstart(
     console.print(f"[bold green]report:[/] {report}")
 
 
-
-    results = json.loads((report / "eval.json").read_text())
-    variants = results["variants"]
-    right = round(variants["overlay"]["exact_match"] * variants["questions"])
-    console.print(f"[bold]held-out variants answered right: {right} of {variants['questions']}[/] (overlay following "
-                  f"the tracks; table alone {round(variants['table_only']['exact_match'] * variants['questions'])}"
-                  + (f", top-1 track alone {round(variants['track_only']['exact_match'] * variants['questions'])}"
-                     if "track_only" in variants else "") + ")")
 
 dataclass_command(app, "improve", ImproveConfig, _improve,
                   {"model": (Optional[Path], typer.Option(None, "--model", help="Selector folder to start from "
