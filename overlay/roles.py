@@ -9,6 +9,7 @@ Numbers written as words ("three", "twice", "half", "a dozen") are question numb
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ _SENTENCE_END = re.compile(r"[.!?;]\s")
 _ROLE = re.compile(r"\{([QR])(\d+)\}")
 _CHAIN_NUMBER = re.compile(r"(?<![\w.{])(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?![\w}])")
 ANCHOR_SPAN = 4  # words each side of a number that make its anchor
+ABSTRACT = ("?", "@")  # anchor terms about the question's structure ("?asked", "@1", "=?q": in the asking sentence)
+ABSTRACT_IDF = 4.0  # their weight beside word idf (a rare word's is 4–8)
 STOP = frozenset("a an the of to and in on at for is was are were be it its by with as that this".split())
 # Capitalised words that start sentences but are not names (a name role binds the others).
 NOT_NAMES = frozenset(
@@ -69,19 +72,82 @@ class QuestionNumber:
     anchor: dict[str, float]
 
 
-def _anchor(text: str, start: int, end: int) -> dict[str, float]:
-    """Words of the number's sentence within ANCHOR_SPAN of it, weight 1/(1+distance); the next word counts double."""
+def stem(word: str) -> str:
+    """A crude English stem (plural and verb endings dropped) so "bags"/"bag" and "borrowed"/"borrow" match."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    for suffix, repl in (("ies", "i"), ("sses", "ss"), ("ves", "f"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            word = word[:-len(suffix)] + repl
+            break
+    if len(word) >= 4 and word[-1] in "ey":  # berry/berri, cookie/cooki, make/mak
+        word = word[:-1] + ("i" if word[-1] == "y" else "")
+    return word
+
+
+def words(text: str) -> list[str]:
+    """Number-masked, lowercased, stemmed words of a text ('#' for a number, '$' read as "dollar", '%' as "percent")."""
+    text = _mask(text.replace("$", " dollar ").replace("%", " percent "))
+    return [stem(w) for w in _WORD.findall(text.lower())]
+
+
+@dataclass
+class _Context:
+    """What anchors abstract over in one question: its names (by order of appearance) and the words of the
+    sentence that asks (so "the number counts what is asked" matches across wordings)."""
+
+    people: dict[str, int]
+    asked: frozenset[str]
+    asked_span: tuple[int, int]
+
+    @classmethod
+    def of(cls, question: str) -> _Context:
+        spans, start = [], 0
+        for m in _SENTENCE_END.finditer(question):
+            spans.append((start, m.end()))
+            start = m.end()
+        spans.append((start, len(question)))
+        spans = [(a, b) for a, b in spans if question[a:b].strip()] or [(0, len(question))]
+        asking = [sp for sp in spans if "?" in question[sp[0]:sp[1]]
+                  or re.match(r"\s*(how|what|find|calculate|determine)\b", question[sp[0]:sp[1]], re.I)]
+        a, b = asking[-1] if asking else spans[-1]
+        m = re.search(r"\b(how|what|find|calculate|determine)\b", question[a:b], re.I)
+        a = a + m.start() if m else a
+        asked = frozenset(w for w in words(question[a:b]) if w not in STOP and w != "#" and w not in QUESTION_WORDS)
+        return cls({stem(n.lower()): i for i, n in enumerate(names(question))}, asked, (a, b))
+
+
+QUESTION_WORDS = frozenset("how many much what find calculate determine did do does will would can could total "
+                           "all altogether in".split())
+
+
+def _anchor(text: str, start: int, end: int, ctx: _Context | None = None) -> dict[str, float]:
+    """Words of the number's sentence within ANCHOR_SPAN of it, weight 1/(1+distance); the next word (the unit
+    noun) counts double. With the question's context, names become their order ("@1") and words the asking sentence
+    shares are marked ("?" sides), and a number inside the asking sentence is marked too: what binds across
+    rewordings is the number's relation to the names and to what is asked, not the words alone."""
     left_end = max((m.end() for m in _SENTENCE_END.finditer(text, 0, start)), default=0)
     right = _SENTENCE_END.search(text, end)
-    left = _WORD.findall(_mask(text[left_end:start]).lower())[-ANCHOR_SPAN:]
-    after = _WORD.findall(_mask(text[end:right.start() if right else len(text)]).lower())[:ANCHOR_SPAN]
+    left = words(text[left_end:start])[-ANCHOR_SPAN:]
+    after = words(text[end:right.start() if right else len(text)])[:ANCHOR_SPAN]
     anchor: dict[str, float] = {}
-    for d, w in enumerate(reversed(left)):
-        if w not in STOP:
-            anchor["<" + w] = anchor.get("<" + w, 0.0) + 1.0 / (1 + d)
-    for d, w in enumerate(after):
-        if w not in STOP:
-            anchor[">" + w] = anchor.get(">" + w, 0.0) + (2.0 if d == 0 else 1.0 / (1 + d))
+
+    def add(term: str, w: float) -> None:
+        anchor[term] = anchor.get(term, 0.0) + w
+
+    for side, seq in (("<", list(reversed(left))), (">", after)):
+        for d, w in enumerate(seq):
+            if w in STOP:
+                continue
+            weight = 2.0 if side == ">" and d == 0 else 1.0 / (1 + d)
+            if ctx is not None and w in ctx.people:
+                add(f"{side}@{ctx.people[w] + 1}", weight)
+                continue
+            add(side + w, weight)
+            if ctx is not None and w in ctx.asked and w != "#":
+                add(side + "?asked", 0.5 * weight)
+    if ctx is not None and ctx.asked_span[0] <= start < ctx.asked_span[1]:
+        add("=?q", 1.0)
     return anchor
 
 
@@ -110,17 +176,41 @@ def question_numbers(question: str) -> list[QuestionNumber]:
             value = TENS[m.group(1).lower()] + UNITS.index(m.group(2).lower())
         else:
             word = m.group(3).lower()
-            if word in ("one", "a") or (word in ("third", "quarter") and _ordinal(question, m.start())):
-                continue  # "one of them", "the third day": not quantities the chains compute with
+            if word in ("one", "a") or (word in FRACTIONS and not _fraction(question, m.start(), m.end())):
+                continue  # "one of them", "the third day", "8 quarters": not quantities the chains compute with
             value = WORD_NUMBERS[word]
         found.append((m.start(), m.end(), str(value), True))
     found.sort()
-    return [QuestionNumber(v, s, e, w, _anchor(question, s, e)) for s, e, v, w in found]
+    ctx = _Context.of(question)
+    return [QuestionNumber(v, s, e, w, _anchor(question, s, e, ctx)) for s, e, v, w in found]
 
 
-def _ordinal(text: str, start: int) -> bool:
-    """True when the word at ``start`` follows "the" (an ordinal, not a fraction)."""
-    return text[max(0, start - 4):start].lower().strip() == "the"
+FRACTIONS = frozenset("half halves third thirds quarter quarters".split())
+_BEFORE = re.compile(r"([\w$.,]+)[\s-]*$")
+_AFTER = re.compile(r"^\s*(-|[\w]+)")
+
+
+def _fraction(text: str, start: int, end: int) -> bool:
+    """True when a fraction word is a quantity: "half as many", "a third of", "cut in half", "half the price"; not
+    an ordinal ("the third day", "the first half"), a coin or unit after a count ("8 quarters", "14 half-dollars"), a
+    compound ("half-price"), nor a bare plural or singular noun ("how many quarters", "a quarter")."""
+    word = text[start:end].lower()
+    before = _BEFORE.search(text[max(0, start - 40):start])
+    after = _AFTER.match(text[end:end + 40])
+    prev = before.group(1).lower() if before else ""
+    nxt = after.group(1).lower() if after else ""
+    if prev in ORDINAL_BEFORE:
+        return False
+    if nxt in ("of", "as"):
+        return True
+    if nxt == "-" or prev[:1].isdigit() or prev in WORD_NUMBERS:
+        return False
+    if word != "half":
+        return nxt in ("the", "a", "an") and word in ("third", "quarter")
+    return True
+
+
+ORDINAL_BEFORE = frozenset("the first second third fourth last next other each every".split())
 
 
 def names(question: str) -> list[str]:
@@ -172,6 +262,8 @@ def _context_words(text: str, start: int, end: int) -> dict[str, float]:
 def similarity(a: Mapping[str, float], b: Mapping[str, float], idf: Mapping[str, float] | None = None) -> float:
     """IDF-weighted cosine of two anchors (word sides ignored when sides differ: '<cost' and '>cost' half-match)."""
     def weight(term: str) -> float:
+        if term[1:2] in ABSTRACT:
+            return ABSTRACT_IDF
         return idf.get(term[1:], 1.0) if idf else 1.0
 
     def vec(x: Mapping[str, float]) -> dict[str, float]:
@@ -247,40 +339,74 @@ class Binding:
     confidence: float
     complete: bool
     names: dict[int, str] = field(default_factory=dict)
+    weakest: float = 1.0  # the least similar bound pair
+    alternative: int = 0  # 0 for the best matching, i for the i-th next best
 
 
 def bind(track: AbstractChain, question: str, idf: Mapping[str, float] | None = None,
          numbers: Sequence[QuestionNumber] | None = None) -> Binding:
     """Match the track's used question numbers one-to-one to this question's numbers by anchor similarity (best
     total, ties by order of appearance), so a reordered sentence still binds the right number."""
+    return bindings(track, question, idf, numbers, 1)[0]
+
+
+def bindings(track: AbstractChain, question: str, idf: Mapping[str, float] | None = None,
+             numbers: Sequence[QuestionNumber] | None = None, m: int = 4) -> list[Binding]:
+    """The ``m`` best one-to-one matchings of the track's used question numbers to this question's numbers, best
+    first (``bind`` is the first): a caller that follows them can prefer a close second whose answer is plausible."""
     numbers = list(numbers) if numbers is not None else question_numbers(question)
     used = track.used
     people = names(question)
     name_map = {i: people[i] for i in range(min(len(people), len(track.names)))}
     if not used:
-        return Binding({}, 1.0, True, name_map)
+        return [Binding({}, 1.0, True, name_map)]
     if len(numbers) < len(used):
-        return Binding({}, 0.0, False, name_map)
-    sim = [[similarity(track.numbers[t].anchor, n.anchor, idf) + _position_prior(t, j, track.numbers, numbers)
+        return [Binding({}, 0.0, False, name_map)]
+    sim = [[similarity(track.numbers[t].anchor, n.anchor, idf) + _prior(t, j, track.numbers, numbers)
             for j, n in enumerate(numbers)] for t in used]
-    pairs = _assign(sim)
-    confidence = sum(min(1.0, max(0.0, sim[i][j])) for i, j in pairs) / len(used)
-    return Binding({used[i]: j for i, j in pairs}, confidence, True, name_map)
+    out = []
+    for rank, pairs in enumerate(_assign(sim, m)):
+        bounded = [min(1.0, max(0.0, sim[i][j])) for i, j in pairs]
+        out.append(Binding({used[i]: j for i, j in pairs}, sum(bounded) / len(used), True, name_map, min(bounded),
+                           rank))
+    return out
 
 
-def _position_prior(t: int, j: int, track_numbers: Sequence[QuestionNumber], numbers: Sequence[QuestionNumber]) -> float:
-    """A small preference for the same relative position and the same written form (breaks ties between anchors)."""
+def _magnitude(value: str) -> float | None:
+    try:
+        v = abs(float(value))
+    except ValueError:
+        return None
+    return math.log10(v) if v > 0 else None
+
+
+def _prior(t: int, j: int, track_numbers: Sequence[QuestionNumber], numbers: Sequence[QuestionNumber]) -> float:
+    """A small preference for the same relative position, the same written form, the same kind of value (whole or
+    not) and a similar magnitude (breaks ties between anchors: a price binds a price, a count a count)."""
+    a, b = track_numbers[t], numbers[j]
     rel = abs(t / max(1, len(track_numbers) - 1) - j / max(1, len(numbers) - 1)) if len(numbers) > 1 else 0.0
-    same_form = 0.02 if track_numbers[t].word == numbers[j].word else 0.0
-    return 0.05 * (1 - rel) + same_form
+    prior = 0.05 * (1 - rel) + (0.02 if a.word == b.word else 0.0)
+    prior += 0.02 if ("." in a.value) == ("." in b.value) else 0.0
+    ma, mb = _magnitude(a.value), _magnitude(b.value)
+    if ma is not None and mb is not None:
+        prior += MAGNITUDE_PRIOR * max(0.0, 1 - abs(ma - mb) / 2)
+    return prior
 
 
-def _assign(sim: list[list[float]]) -> list[tuple[int, int]]:
-    """Rows to distinct columns maximising the total: exhaustive for small problems, greedy beyond."""
+MAGNITUDE_PRIOR = 0.05
+
+
+def _assign(sim: list[list[float]], m: int = 1) -> list[list[tuple[int, int]]]:
+    """The ``m`` best assignments of rows to distinct columns by total: exhaustive for small problems (ties by order),
+    greedy beyond (one)."""
     rows, cols = len(sim), len(sim[0])
     if rows <= 6 and cols <= 8:
-        best = max(permutations(range(cols), rows), key=lambda p: sum(sim[i][p[i]] for i in range(rows)))
-        return list(enumerate(best))
+        def total(p: tuple[int, ...]) -> float:
+            return sum(sim[i][p[i]] for i in range(rows))
+
+        ranked = heapq.nlargest(m, permutations(range(cols), rows), key=total) if m > 1 else \
+            [max(permutations(range(cols), rows), key=total)]
+        return [list(enumerate(p)) for p in ranked]
     cells = sorted(((sim[i][j], i, j) for i in range(rows) for j in range(cols)), reverse=True)
     taken_r, taken_c, out = set(), set(), []
     for _, i, j in cells:
@@ -288,7 +414,7 @@ def _assign(sim: list[list[float]]) -> list[tuple[int, int]]:
             taken_r.add(i)
             taken_c.add(j)
             out.append((i, j))
-    return sorted(out)
+    return [sorted(out)]
 
 
 def fill(text: str, binding: Binding, numbers: Sequence[QuestionNumber], results: Sequence[str]) -> str | None:
@@ -350,4 +476,4 @@ def check_roles(track: AbstractChain, chain: Chain) -> bool:
 
 
 __all__ = ["AbstractChain", "Binding", "QuestionNumber", "abstract_chain", "bind", "check_roles", "execute", "fill",
-           "masked_question", "names", "number_value", "question_numbers", "similarity"]
+           "bindings", "masked_question", "names", "number_value", "question_numbers", "similarity"]

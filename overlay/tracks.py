@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from overlay.chains import RESULT, Chain, answers_match
-from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, bindings, execute, fill, masked_question,
-                           question_numbers)
+from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, bindings, execute, fill,
+                           masked_question, question_numbers, words)
 from overlay.table import _text, _vkey, check_domain
 
 SHARDS = 4
@@ -38,8 +38,11 @@ PER_FAMILY = 3  # tracks of one family (a source and its variants) among the top
 QUERY_TERMS = 32  # the rarest terms of a question route it; 16 lost 4 points of any-5 on MAWPS dev (bench_tracks)
 ALTERNATIVES = 6  # matchings of a track's numbers tried, best first, when the best gives an implausible answer
 ALTERNATIVE_MARGIN = 0.4  # ... within this much mean anchor similarity of the best (measured on MAWPS dev)
-FEATURES = ("similarity", "gap", "rank", "binding", "complete", "executed", "same_count", "unused", "non_negative",
-            "whole", "agreement", "bias")
+FEATURES = ("similarity", "gap", "rank", "binding", "weakest", "executed", "same_count", "unused", "non_negative",
+            "whole", "whole_like_own", "magnitude", "agreement", "agreement_bound", "alternative", "bias")
+REFUSE_BELOW = 0.2  # a fitted chooser refuses its best track below this probability (on MAWPS dev, picks at p 0.2–0.4
+# were right 4 times in 10, below 0.2 2 in 9: about what the table alone gets there)
+TOP_K = 10  # tracks retrieved and followed per question: the right answer is among 10 for 93 % of MAWPS dev, 5: 87 %
 
 TRACKS_SCRIPT = """
 local n = #KEYS - 1
@@ -71,10 +74,11 @@ class TrackError(ValueError):
 
 
 def terms(question: str) -> Counter:
-    """Retrieval terms of a question: its number-masked words (lowercase) and word pairs."""
-    words = [w for w in "".join(c.lower() if c.isalnum() or c == "#" else " " for c in masked_question(question)).split()]
-    out = Counter(words)
-    out.update(f"{a}_{b}" for a, b in zip(words, words[1:]))
+    """Retrieval terms of a question: its number-masked, stemmed words (``roles.words``: the same words anchors are
+    made of, so the index's idf weighs them) and word pairs."""
+    ws = words(question)
+    out = Counter(ws)
+    out.update(f"{a}_{b}" for a, b in zip(ws, ws[1:]))
     return out
 
 
@@ -88,12 +92,12 @@ def _skey(domain: str, version: int, shard: int, suffix: str) -> str:
     return _vkey(domain, version, f"t:{{{domain}:t{shard}}}:{suffix}")
 
 
-@dataclass
 def _df_key(domain: str, version: int) -> str:
     """The terms' document frequencies (in shard 0's slot, so a learned version COPYs it on a cluster too)."""
     return _skey(domain, version, 0, "df")
 
 
+@dataclass
 class Track:
     """One stored track: its id, family (the source chain it came from; variants share it), question, masked
     question, the role-abstracted chain and the source's answer."""
@@ -232,21 +236,46 @@ def _as_number(value: str | None) -> Decimal | None:
 
 
 def featurise(found: list[Retrieved], numbers: Sequence[QuestionNumber]) -> None:
-    """Fill each retrieved track's features (FEATURES, in order)."""
+    """Fill each retrieved track's features (FEATURES, in order): how similar the question is (to the best hit, and
+    its rank), how well the numbers bound (mean and weakest pair, and whether a next-best matching was taken), whether
+    the track could be followed, whether it uses the question's numbers (same count; share of the question's numbers
+    it leaves unused), whether the answer is plausible (not negative, whole when the question's numbers are, whole
+    like the track's own answer, of the same magnitude relative to the question's largest number as the track's own
+    answer to its own), and how much of the retrieved similarity agrees with this answer (plain, and weighted by
+    binding)."""
     top = found[0].similarity if found else 0.0
-    total = sum(r.similarity for r in found if r.answer is not None) or 1.0
-    whole_question = all(_as_number(n.value) == int(_as_number(n.value)) for n in numbers)
+    followed = [r for r in found if r.answer is not None]
+    total = sum(r.similarity for r in followed) or 1.0
+    total_bound = sum(r.similarity * r.binding.confidence for r in followed) or 1.0
+    values = [_as_number(n.value) for n in numbers]
+    whole_question = all(v is not None and v == v.to_integral_value() for v in values)
+    largest = max((abs(v) for v in values if v is not None), default=Decimal(1)) or Decimal(1)
     for r in found:
-        value = _as_number(r.answer)
-        agree = sum(o.similarity for o in found if o.answer is not None and r.answer is not None
-                    and answers_match(o.answer, r.answer)) / total
-        r.features = [r.similarity, r.similarity - top, r.rank / max(1, len(found)), r.binding.confidence,
-                      float(r.binding.complete), float(r.answer is not None),
-                      float(len(numbers) == len(r.track.chain.numbers)),
+        value, own = _as_number(r.answer), _as_number(r.track.answer)
+        same = [o for o in followed if r.answer is not None and answers_match(o.answer, r.answer)]
+        r.features = [r.similarity, r.similarity - top, math.log1p(r.rank), r.binding.confidence, r.binding.weakest,
+                      float(r.answer is not None), float(len(numbers) == len(r.track.chain.numbers)),
                       (len(numbers) - len(r.track.chain.used)) / max(1, len(numbers)),
                       float(value is not None and value >= 0),
                       float(value is not None and (not whole_question or value == value.to_integral_value())),
-                      agree, 1.0]
+                      float(value is not None and own is not None
+                            and (value == value.to_integral_value()) == (own == own.to_integral_value())),
+                      _magnitude(value, largest, own, r.track.chain.numbers),
+                      sum(o.similarity for o in same) / total,
+                      sum(o.similarity * o.binding.confidence for o in same) / total_bound,
+                      float(r.binding.alternative > 0), 1.0]
+
+
+def _magnitude(value: Decimal | None, largest: Decimal, own: Decimal | None,
+               own_numbers: Sequence[QuestionNumber]) -> float:
+    """Minus how far (in decades, at most 3) the answer's size relative to the question's largest number is from the
+    track's own answer's relative to its own largest number: a sum stays above its parts, a share below."""
+    own_values = [_as_number(n.value) for n in own_numbers]
+    own_largest = max((abs(v) for v in own_values if v is not None), default=Decimal(1)) or Decimal(1)
+    if not value or not own:
+        return -3.0
+    ratio = math.log10(float(abs(value) / largest)) - math.log10(float(abs(own) / own_largest))
+    return -min(3.0, abs(ratio))
 
 
 def _sigmoid(x: float) -> float:
@@ -279,8 +308,34 @@ class Chooser:
             w -= lr * (rows.T @ (p - labels) / len(labels) + l2 * w)
         return cls([float(x) for x in w])
 
+    @classmethod
+    def fit_lists(cls, lists: Sequence[tuple[np.ndarray, np.ndarray]], steps: int = 1500, lr: float = 0.5,
+                  l2: float = 1e-3) -> Chooser:
+        """Fit to choose: a softmax over each question's retrieved tracks (rows, labels) trained to put its mass on
+        the right ones (lists without a right track teach nothing here), then calibrated — one scale and offset
+        fitted by logistic regression on every row — so ``p`` is a probability and the threshold can refuse."""
+        width = max(len(y) for _, y in lists)
+        dim = lists[0][0].shape[1]
+        X = np.zeros((len(lists), width, dim))
+        Y = np.zeros((len(lists), width))
+        mask = np.zeros((len(lists), width), dtype=bool)
+        for i, (x, y) in enumerate(lists):
+            X[i, :len(y)], Y[i, :len(y)], mask[i, :len(y)] = x, y, True
+        teach = Y.sum(1) > 0
+        Xt, target, mt = X[teach], Y[teach] / Y[teach].sum(1, keepdims=True), mask[teach]
+        w = np.zeros(dim)
+        for _ in range(steps if teach.any() else 0):
+            s = np.where(mt, Xt @ w, -np.inf)
+            p = np.exp(s - s.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            w -= lr * (np.einsum("qk,qkd->d", p - target, Xt) / len(Xt) + l2 * w)
+        scores, labels = (X @ w)[mask], Y[mask]
+        scale = cls.fit(np.stack([scores, np.ones_like(scores)], 1), labels).weights
+        bias = FEATURES.index("bias")
+        return cls([scale[0] * x + (scale[1] if i == bias else 0.0) for i, x in enumerate(w)], REFUSE_BELOW)
 
-DEFAULT_CHOOSER = Chooser([4.0, 2.0, -0.5, 2.0, 1.0, 2.0, 0.5, -1.0, 1.0, 0.5, 2.0, -5.0])
+
+DEFAULT_CHOOSER = Chooser([1.0, 0.5, -0.3, 0.5, 0.5, 1.0, 0.5, -1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 2.0, -0.5, -4.0], 0.2)
 
 
 def retrieved(question: str, hits: Sequence[tuple[Track, float]], idf_of: Mapping[str, float],
@@ -313,32 +368,38 @@ def retrieved(question: str, hits: Sequence[tuple[Track, float]], idf_of: Mappin
     return found
 
 
-def fit_chooser(tracks: Sequence[Track], index: Index, idf_of: Mapping[str, float], *, k: int = 5,
-                questions: int = 600, seed: int = 0, family_out: float = 0.5) -> tuple[Chooser, dict[str, Any]]:
+def fit_chooser(tracks: Sequence[Track], index: Index, idf_of: Mapping[str, float], *, k: int = TOP_K,
+                questions: int = 1000, seed: int = 0, family_out: float = 0.25) -> tuple[Chooser, dict[str, Any]]:
     """Fit the chooser on training questions retrieved against the other tracks: each question's own track is left
-    out, and for a share ``family_out`` its whole family too, so the chooser also learns what a poor match on a new
-    problem looks like. Returns the chooser and what it was fitted on."""
+    out, and for a share ``family_out`` its whole family and every track with the same masked question too, so the
+    chooser also learns what a poor match on a new problem looks like. Fitted to choose (``Chooser.fit_lists``).
+    Returns the chooser and what it was fitted on."""
     rng = random.Random(seed)
     picks = rng.sample(range(len(tracks)), min(questions, len(tracks)))
     families: dict[str, set[int]] = {}
+    same_text: dict[str, set[int]] = {}
     for i, t in enumerate(tracks):
         families.setdefault(t.family, set()).add(i)
-    rows, labels, right = [], [], 0
+        same_text.setdefault(masked_question(t.question).lower(), set()).add(i)
+    lists, right, rows = [], 0, 0
     for n, i in enumerate(picks):
         track = tracks[i]
-        out = families[track.family] if n < family_out * len(picks) else {i}
+        out = families[track.family] | same_text[masked_question(track.question).lower()] \
+            if n < family_out * len(picks) else {i}
         hits = index.search(track.question, k, exclude=out)
         norm = max_score(track.question, index.df, index.n)
         found = retrieved(track.question, [(tracks[j], s / norm) for j, s in hits], idf_of)
-        for r in found:
-            rows.append(r.features)
-            labels.append(float(answers_match(r.answer, track.answer)))
+        if found:
+            lists.append((np.asarray([r.features for r in found]),
+                          np.asarray([float(answers_match(r.answer, track.answer)) for r in found])))
+            rows += len(found)
         right += bool(found) and answers_match(found[0].answer, track.answer)
-    if not rows or len(set(labels)) < 2:
-        return DEFAULT_CHOOSER, {"questions": len(picks), "rows": len(rows), "fitted": False}
-    chooser = Chooser.fit(np.asarray(rows), np.asarray(labels))
-    return chooser, {"questions": len(picks), "rows": len(rows), "positives": int(sum(labels)),
-                     "top1_right": right, "family_out": family_out, "fitted": True}
+    positives = int(sum(y.sum() for _, y in lists))
+    if not lists or positives == 0 or positives == rows:
+        return DEFAULT_CHOOSER, {"questions": len(picks), "rows": rows, "fitted": False}
+    chooser = Chooser.fit_lists(lists)
+    return chooser, {"questions": len(picks), "rows": rows, "positives": positives, "top1_right": right,
+                     "family_out": family_out, "k": k, "fitted": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,7 +432,6 @@ def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, 
             "track_chooser": json.dumps({"weights": chooser.weights, "threshold": chooser.threshold} | fitted)}
 
 
-def word_idf(index: Index) -> dict[str, float]:
 def carry_tracks(client, domain: str, base: int, version: int, new: Sequence[Track], batch: int = 1000) -> dict[str, Any]:
     """Learning without retraining: COPY ``base``'s track memory into ``version`` (server-side, each key within its
     slot) and add ``new`` tracks, their terms weighted with the base's statistics. Returns the meta fields to record
@@ -406,6 +466,7 @@ def carry_tracks(client, domain: str, base: int, version: int, new: Sequence[Tra
     return {"tracks": count + len(new), "track_families": families}
 
 
+def word_idf(index: Index) -> dict[str, float]:
     """idf of single words (what anchors are weighted by when numbers are bound)."""
     return {t: idf(c, index.n) for t, c in index.df.items() if "_" not in t}
 
