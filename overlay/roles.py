@@ -117,6 +117,12 @@ class _Context:
         return cls({stem(n.lower()): i for i, n in enumerate(names(question))}, asked, (a, b))
 
 
+def asking_words(question: str) -> frozenset[str]:
+    """The words (``words``, numbers left out) of the sentence that asks, from its question word on."""
+    a, b = _Context.of(question).asked_span
+    return frozenset(w for w in words(question[a:b]) if w != "#")
+
+
 QUESTION_WORDS = frozenset("how many much what find calculate determine did do does will would can could total "
                            "all altogether in".split())
 
@@ -476,4 +482,4 @@ def check_roles(track: AbstractChain, chain: Chain) -> bool:
 
 
 __all__ = ["AbstractChain", "Binding", "QuestionNumber", "abstract_chain", "bind", "check_roles", "execute", "fill",
-           "bindings", "masked_question", "names", "number_value", "question_numbers", "similarity"]
+           "asking_words", "bindings", "masked_question", "names", "number_value", "question_numbers", "similarity"]

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from overlay.chains import RESULT, Chain, answers_match
-from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, bind, bindings, execute, fill,
-                           masked_question, question_numbers, words)
+from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, asking_words, bind, bindings,
+                           execute, fill, masked_question, question_numbers, words)
 from overlay.table import _text, _vkey, check_domain
 
 SHARDS = 4
@@ -39,7 +40,9 @@ QUERY_TERMS = 32  # the rarest terms of a question route it; 16 lost 4 points of
 ALTERNATIVES = 6  # matchings of a track's numbers tried, best first, when the best gives an implausible answer
 ALTERNATIVE_MARGIN = 0.4  # ... within this much mean anchor similarity of the best (measured on MAWPS dev)
 FEATURES = ("similarity", "gap", "rank", "binding", "weakest", "executed", "same_count", "unused", "non_negative",
-            "whole", "whole_like_own", "magnitude", "agreement", "agreement_bound", "alternative", "bias")
+            "whole", "whole_like_own", "magnitude", "agreement", "agreement_bound", "alternative", "cues", "asked_cues",
+            "bias")
+CUE_SHARE = 0.02  # words in at least this share of the training questions are cue words ("left", "each", "total")
 REFUSE_BELOW = 0.2  # a fitted chooser refuses its best track below this probability (on MAWPS dev, picks at p 0.2–0.4
 # were right 4 times in 10, below 0.2 2 in 9: about what the table alone gets there)
 TOP_K = 10  # tracks retrieved and followed per question: the right answer is among 10 for 93 % of MAWPS dev, 5: 87 %
@@ -235,14 +238,33 @@ def _as_number(value: str | None) -> Decimal | None:
         return None
 
 
-def featurise(found: list[Retrieved], numbers: Sequence[QuestionNumber]) -> None:
+@lru_cache(maxsize=65536)
+def _question_words(question: str) -> tuple[frozenset[str], frozenset[str]]:
+    """A question's words and its asking sentence's words (numbers left out)."""
+    return frozenset(w for w in words(question) if w != "#"), asking_words(question)
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def featurise(found: list[Retrieved], numbers: Sequence[QuestionNumber], question: str | None = None,
+              idf_of: Mapping[str, float] | None = None) -> None:
     """Fill each retrieved track's features (FEATURES, in order): how similar the question is (to the best hit, and
     its rank), how well the numbers bound (mean and weakest pair, and whether a next-best matching was taken), whether
     the track could be followed, whether it uses the question's numbers (same count; share of the question's numbers
     it leaves unused), whether the answer is plausible (not negative, whole when the question's numbers are, whole
     like the track's own answer, of the same magnitude relative to the question's largest number as the track's own
-    answer to its own), and how much of the retrieved similarity agrees with this answer (plain, and weighted by
-    binding)."""
+    answer to its own), how much of the retrieved similarity agrees with this answer (plain, and weighted by
+    binding), and how many of the words that say which operation (cue words: those in at least ``CUE_SHARE`` of the
+    training questions, e.g. "left", "each", "total", "more") the question and the track share, in the whole question
+    and in the asking sentence (BM25 weighs them little because they are common)."""
+    cut = math.log(1 + (1 - CUE_SHARE) / CUE_SHARE)
+    if question is not None and idf_of:
+        mine, mine_asked = (frozenset(w for w in ws if idf_of.get(w, cut + 1) <= cut)
+                            for ws in _question_words(question))
+    else:
+        mine = mine_asked = None
     top = found[0].similarity if found else 0.0
     followed = [r for r in found if r.answer is not None]
     total = sum(r.similarity for r in followed) or 1.0
@@ -263,7 +285,17 @@ def featurise(found: list[Retrieved], numbers: Sequence[QuestionNumber]) -> None
                       _magnitude(value, largest, own, r.track.chain.numbers),
                       sum(o.similarity for o in same) / total,
                       sum(o.similarity * o.binding.confidence for o in same) / total_bound,
-                      float(r.binding.alternative > 0), 1.0]
+                      float(r.binding.alternative > 0), *_cue_overlap(r.track.question, mine, mine_asked, idf_of, cut),
+                      1.0]
+
+
+def _cue_overlap(track_question: str, mine: frozenset[str] | None, mine_asked: frozenset[str] | None,
+                 idf_of: Mapping[str, float] | None, cut: float) -> tuple[float, float]:
+    if mine is None or not idf_of:
+        return 0.0, 0.0
+    theirs, theirs_asked = (frozenset(w for w in ws if idf_of.get(w, cut + 1) <= cut)
+                            for ws in _question_words(track_question))
+    return _jaccard(mine, theirs), _jaccard(mine_asked, theirs_asked)
 
 
 def _magnitude(value: Decimal | None, largest: Decimal, own: Decimal | None,
@@ -313,7 +345,8 @@ class Chooser:
                   l2: float = 1e-3) -> Chooser:
         """Fit to choose: a softmax over each question's retrieved tracks (rows, labels) trained to put its mass on
         the right ones (lists without a right track teach nothing here), then calibrated — one scale and offset
-        fitted by logistic regression on every row — so ``p`` is a probability and the threshold can refuse."""
+        fitted by logistic regression on each list's best-scored track — so the chosen track's ``p`` is the
+        probability that it answers right and the threshold can refuse."""
         width = max(len(y) for _, y in lists)
         dim = lists[0][0].shape[1]
         X = np.zeros((len(lists), width, dim))
@@ -329,13 +362,16 @@ class Chooser:
             p = np.exp(s - s.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)
             w -= lr * (np.einsum("qk,qkd->d", p - target, Xt) / len(Xt) + l2 * w)
-        scores, labels = (X @ w)[mask], Y[mask]
-        scale = cls.fit(np.stack([scores, np.ones_like(scores)], 1), labels).weights
+        scores = np.where(mask, X @ w, -np.inf)
+        best = scores.argmax(1)
+        top, labels = scores[np.arange(len(X)), best], Y[np.arange(len(X)), best]
+        scale = cls.fit(np.stack([top, np.ones_like(top)], 1), labels).weights
         bias = FEATURES.index("bias")
         return cls([scale[0] * x + (scale[1] if i == bias else 0.0) for i, x in enumerate(w)], REFUSE_BELOW)
 
 
-DEFAULT_CHOOSER = Chooser([1.0, 0.5, -0.3, 0.5, 0.5, 1.0, 0.5, -1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 2.0, -0.5, -4.0], 0.2)
+DEFAULT_CHOOSER = Chooser([1.0, 0.5, -0.3, 0.5, 0.5, 1.0, 0.5, -1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 2.0, -0.5, 1.0, 1.0,
+                           -5.0], 0.2)
 
 
 def retrieved(question: str, hits: Sequence[tuple[Track, float]], idf_of: Mapping[str, float],
@@ -364,7 +400,7 @@ def retrieved(question: str, hits: Sequence[tuple[Track, float]], idf_of: Mappin
                 choice = (binding, answer)
                 break
         found.append(Retrieved(track, rank, sim, *choice))
-    featurise(found, numbers)
+    featurise(found, numbers, question, idf_of)
     return found
 
 
