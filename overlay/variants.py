@@ -6,12 +6,17 @@ calculations ``<<{n1}/2=r1>>`` that the calculator recomputes, binding ``r1`` fo
 slot values (numbers, names, entities) and the question's wording (*variability*) and may change the chain's
 structure a little (*volatility*: reordered independent sentences, two dependent steps merged into one, one step
 split in two); every RESULT, CHECK and the ANSWER are recomputed, so each kept variant verifies. Variants whose
-values are impossible (a whole count turned fraction, a count turned negative or zero) are skipped and counted
-by reason. Used by the dataset builder (``overlay dataset variants``) and the track probe.
+values are impossible (a whole count turned fraction, a count turned negative or zero) or implausible against the
+source (a fraction of a group at 1 or more, a part above its whole, a percentage above 100) are skipped and counted
+by reason. A GSM8K solution becomes a track only where its numbers can be traced: slots come from the question's
+number occurrences, not values, and a record whose numbers stay ambiguous, or that works numbers out without a
+calculation, is skipped with the reason ("ambiguous number: …"). Used by the dataset builder
+(``overlay dataset variants``) and the track probe.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import random
@@ -19,6 +24,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -266,10 +272,338 @@ def _num_value(text: str) -> str:
     return format(Decimal(text.replace(",", "").replace("$", "")).normalize(), "f")
 
 
+WORD = re.compile(r"[^\W\d_]+")
+STOPWORDS = frozenset(
+    "a an the of and or to in on at for is are was were be been being has have had do does did he she they it his her "
+    "their them its this that these those there how many much what which who if then so than as by with from into out "
+    "up will would can could each per every all total altogether s".split())
+MONEY_WORDS = frozenset("dollar dollars cent cents".split())
+# Words that make a number a constant of the problem rather than one of its quantities (every word of one entry).
+CONSTANT_HINTS = {value: [frozenset(h.split()) for h in hints.split(",")] for value, hints in {
+    "1": "one", "2": "half,halve,twice,double,doubled,two,pair,both", "3": "third,triple,tripled,thrice,three,foot yard",
+    "4": "quarter,fourth,four", "5": "five,fifth", "6": "six,sixth", "7": "seven,week", "8": "eight", "9": "nine",
+    "10": "ten,tenth,decade", "11": "eleven", "12": "dozen,twelve,month,year,inch foot", "13": "thirteen",
+    "14": "fourteen", "15": "fifteen,quarter hour", "16": "sixteen,ounce pound", "17": "seventeen", "18": "eighteen",
+    "19": "nineteen", "20": "twenty,score", "24": "hour day", "30": "thirty,month day", "40": "forty", "50": "fifty",
+    "52": "week year", "60": "sixty,minute,hour", "70": "seventy", "80": "eighty", "90": "ninety",
+    "100": "percent,hundred,cent dollar,century", "365": "year", "1000": "thousand"}.items()}
+SMALL_CONSTANTS = frozenset("0 0.5 0.25 0.1 0.01 1 2 3 4 5 6 7 8 9 10 12 16 24 30 52 60 100 1000 365".split())
+DERIVE_WITH = tuple(Fraction(c) for c in (2, 3, 4, 10, 12, 60, 100, 1000))
+AMBIGUOUS = "ambiguous number"
+# Arithmetic written in a solution's text, outside any <<…>> annotation ("4/2 = 2 bags", "3(6)=18"): a number the
+# solution works out without the calculator, so no variant could recompute it.
+WRITTEN = re.compile(r"\d\)?\s*(?:[-+*/×x÷]|\()\s*\(?\$?\d[\d.,]*\)?\s*(?:[-+*/×x÷]\s*\(?\$?\d[\d.,]*\)?\s*)*=\s*\$?\d")
+
+
+def _stem(word: str) -> str:
+    w = word.lower()
+    return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+
+
+def _content(text: str) -> list[str]:
+    """Content-word stems of a text in order (stop words dropped): what the contexts of numbers are compared on."""
+    return [_stem(w) for w in WORD.findall(text) if w.lower() not in STOPWORDS]
+
+
+def _noun(text: str) -> str:
+    """The content word right after a number (``2 dogs`` → dog), or "" when an operator or a function word follows."""
+    m = re.match(r"[ -]?([^\W\d_]+)", text)
+    word = m.group(1).lower() if m else ""
+    return "" if not word or word in STOPWORDS or word in ("more", "less", "fewer", "times", "percent", "x") else _stem(word)
+
+
+def _hinted(value: str, words: set[str] | frozenset[str], text: str) -> bool:
+    """Whether the words say ``value`` may be a constant (half → 2, minutes and hours → 60, % → 100)."""
+    return any(h <= words for h in CONSTANT_HINTS.get(value, [])) or (value == "100" and "%" in text)
+
+
+@dataclass
+class _Ref:
+    """What a solution number can refer to: a question number occurrence ("q") or a calculation's result ("r"),
+    with the words around it (right after it, just before it, its sentence or line) and whether it is money."""
+
+    kind: str
+    index: int
+    value: str
+    after: frozenset[str]
+    near: frozenset[str]
+    wide: frozenset[str]
+    money: bool
+    span: tuple[int, int] = (0, 0)
+    percent: bool = False
+    fraction: bool = False
+    noun: str = ""
+
+    def score(self, words: frozenset[str], money: bool | None, noun: str = "") -> float:
+        """How well a solution line's words (and the number's currency and noun, when the text shows them) fit
+        this context."""
+        s = 2 * len(self.after & words) + len(self.near & words) + 0.5 * len(self.wide & words)
+        s += 2 if noun and noun == self.noun else 0
+        if money is None:
+            return s
+        return s + (1 if money == self.money else -2)
+
+
+@dataclass
+class _Site:
+    """A number in a calculation: where it is (line, annotation, span in the expression), its value, the words of
+    its line, its currency when the line's text shows it, and what it refers to once decided."""
+
+    line: int
+    annotation: int
+    span: tuple[int, int]
+    value: str
+    words: frozenset[str]
+    money: bool | None
+    expr: str
+    noun: str = ""
+    ref: _Ref | None = None
+
+
+def _question_refs(question: str) -> list[tuple[_Ref, re.Match]]:
+    """Each number occurrence of the question as a reference, with its match."""
+    ends = [0] + [m.end() for m in re.finditer(r"[.!?](?=\s|$)", question)] + [len(question)]
+    matches = list(QNUMBER.finditer(question))
+    out = []
+    for k, m in enumerate(matches):
+        s0, s1 = max(e for e in ends if e <= m.start()), min(e for e in ends if e >= m.end())
+        left = max(s0, matches[k - 1].end() if k else 0)
+        right = min(s1, matches[k + 1].start() if k + 1 < len(matches) else len(question))
+        following = re.match(r"\s*([A-Za-z]+|%)", question[m.end():])
+        word = following.group(1).lower() if following else ""
+        money = m.group(0).startswith("$") or question[:m.start()].rstrip().endswith(("$", "£", "€", "¥")) \
+            or word in MONEY_WORDS
+        value = _num_value(m.group(1) + (m.group(2) or ""))
+        fraction = question[m.end():m.end() + 2][:1] == "/" and question[m.end() + 1:m.end() + 2].isdigit() \
+            or question[:m.start()].endswith("/") and question[:m.start() - 1][-1:].isdigit()
+        ref = _Ref("q", k, value, frozenset(_content(question[m.end():right])[:3]),
+                   frozenset(_content(question[left:m.start()])[-3:]), frozenset(_content(question[s0:s1])), money,
+                   m.span(1), word in ("%", "percent"), fraction, _noun(question[m.end():]))
+        out.append((ref, m))
+    return out
+
+
+def _derivations(u: Fraction, refs: list[_Ref]) -> list[set[int]]:
+    """The sets of references (by id) from which ``u`` follows in one operation (with each other or a common
+    constant), or as a percentage (p/100, 1 ± p/100): a number the solution worked out without a calculation."""
+    vals = [(id(r), Fraction(r.value), r.kind == "r" or r.percent) for r in refs]
+    found = []
+    for i, a, percent in vals:
+        hundredth = a / 100
+        if percent and u in (hundredth, 1 - hundredth, 1 + hundredth):
+            found.append({i})
+        for j, b, _ in vals + [(None, c, False) for c in DERIVE_WITH]:
+            if j == i:
+                continue
+            if u in (a + b, a - b, b - a, a * b) or (b and u == a / b) or (a and u == b / a):
+                found.append({i} | ({j} if j is not None else set()))
+    return found
+
+
+def _written_fractions(question: str, qrefs: list[_Ref], sites: list[_Site], qwords: frozenset[str]) -> None:
+    """A fraction a calculation writes as the question does ("3/4 of" → 3/4): those two question numbers, unless
+    the words may also make them constants ("three-fourths")."""
+    for site, nxt in zip(sites, sites[1:]):
+        if nxt.annotation == site.annotation and nxt.span[0] == site.span[1] + 1 and site.expr[site.span[1]] == "/":
+            pair = next(((a, b) for a, b in zip(qrefs, qrefs[1:]) if (a.value, b.value) == (site.value, nxt.value)
+                         and question[a.span[1]:b.span[0]] == "/"), None)
+            if pair and not any(_hinted(s.value, qwords | s.words, question) for s in (site, nxt)):
+                site.ref, nxt.ref = pair
+
+
+def _resolve(question: str, qrefs: list[_Ref], sites: list[_Site], results: list[_Ref],
+             first_site: list[int]) -> tuple[dict[int, int], set[int]]:
+    """Decide what each calculation number refers to (sets ``site.ref``; None is a constant) from the words around
+    it (the line's words against each candidate's, its currency, its noun) and the data flow (the one step that can
+    use a result). Returns the ties between question occurrences (occurrence → representative: numbers the evidence
+    does not tell apart share a slot) and the occurrences that must keep their value (they may be the constant a
+    number stands for). Raises VariantError "ambiguous number: …" where a result and another reading stay possible,
+    or the solution works a number out without a calculation."""
+    parent = {q.index: q.index for q in qrefs}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    frozen: set[int] = set()
+    named: set[int] = set()  # sites the words name a constant (half → 2)
+    qwords = frozenset(_content(question))
+    _written_fractions(question, qrefs, sites, qwords)
+    uses = Counter(id(r) for r in results for s in sites
+                   if s.ref is None and s.value == r.value and s.annotation > r.index)  # sites that could use each result
+    for n, site in enumerate(sites):
+        if site.ref is not None:
+            continue
+        percent_use = site.expr[site.span[1]:].startswith(("/100", "*.01", "*0.01", "%")) \
+            or site.expr[:site.span[0]].endswith((".01*", "/100*"))
+        same = [q for q in qrefs if q.value == site.value]
+        Q = [q for q in same if not q.fraction and q.percent <= percent_use  # a fraction's parts and a percentage are
+             and not (site.noun and q.noun and site.noun != q.noun and site.noun not in q.after)]  # used as such; 2 hens
+        R = [r for r in results[:site.annotation] if r.value == site.value]  # are not 2 dogs
+        if Q and len(Q) < len(same):  # another number of that value it cannot be: it may be that one in another use
+            frozen |= {q.index for q in same}
+            Q = []
+        taken = {id(s.ref) for s in sites[first_site[site.annotation]:n] if s.ref is not None}
+        fresh = [c for c in Q + R if id(c) not in taken]  # one number per thing in a calculation, when there are more
+        Q, R = ([q for q in Q if id(q) not in taken], [r for r in R if id(r) not in taken]) if fresh else (Q, R)
+        forced = [r for r in R if uses[id(r)] == 1]  # the one step that can use the result, unless its words say
+        if forced and max((q.score(site.words, site.money, site.noun) for q in Q), default=-math.inf) < \
+                forced[-1].score(site.words, site.money, site.noun) + 3:  # it is a question number
+            site.ref = forced[-1]
+            continue
+        constant, twice = None, sum(s.value == site.value for s in sites if s.annotation == site.annotation) > 1
+        if _hinted(site.value, qwords | site.words, question):  # the number may be the constant the words name
+            constant = 3 if _hinted(site.value, site.words, "") else 1
+            strong = max((q.score(site.words, site.money) for q in Q), default=-math.inf) >= constant + 6  # (the
+            # word after "4 * 2" is the unit of the result as much as of the 2)
+            if Q and strong and not twice:
+                constant = None  # the words around a question number say it is that number
+            elif constant == 3 and not twice and not R:
+                named.add(n)
+                Q = []
+            else:
+                if Q and (constant == 1 or twice):
+                    frozen |= {q.index for q in Q}  # which is which cannot be told: the question keeps that value
+                Q = []
+        if not Q and not R:
+            continue
+        q_scores = sorted(((q.score(site.words, site.money, site.noun), -q.index, q) for q in Q),
+                          key=lambda t: t[:2], reverse=True)  # ties: the earlier occurrence
+        r_scores = sorted(((r.score(site.words, site.money, site.noun), r.index, r) for r in R),
+                          key=lambda t: t[:2], reverse=True)  # ties: the most recent result
+        best_q = q_scores[0][0] if q_scores else -math.inf
+        best_r = r_scores[0][0] if r_scores else -math.inf
+        if R and constant is not None:  # a result or the constant the words name: the context must decide
+            if twice:
+                raise VariantError(f"{AMBIGUOUS}: a result or a constant")
+            if constant - best_r >= 2:
+                named.add(n)
+                continue
+            if best_r - constant < 2:
+                raise VariantError(f"{AMBIGUOUS}: a result or a constant")
+        if R and Q and abs(best_r - best_q) < 2:
+            raise VariantError(f"{AMBIGUOUS}: a result or a question number")
+        if best_r > best_q:
+            site.ref = r_scores[0][2]
+            continue
+        if best_q <= 0 and len(site.words) > 1:  # the line's words say nothing of that question number: it may be
+            continue  # a constant of the same value ("1+2+2" people, "2 to a tent"), so the question keeps it
+        top = q_scores[0]
+        close = [t[2] for t in q_scores if top[0] - t[0] < 2]  # not clearly told apart: one slot, changed together
+        for q in close[1:]:
+            parent[root(q.index)] = root(top[2].index)
+        site.ref = top[2]
+    frozen |= _unsupported(question, qrefs, sites, results, frozen, named)
+    return {k: root(k) for k in parent}, frozen
+
+
+def _unsupported(question: str, qrefs: list[_Ref], sites: list[_Site], results: list[_Ref], frozen: set[int],
+                 named: set[int]) -> set[int]:
+    """After the numbers are decided: raise VariantError "ambiguous number: …" where the solution works a number out
+    without a calculation (a result no step uses, 35 = 20 + 15 in the head, 200 - 100 = 100, a number from nowhere
+    or from a result); return the question occurrences that must keep their value (a constant of the same value, or
+    the source of a number derived in the head)."""
+    qwords = frozenset(_content(question))
+    frozen = set(frozen)
+    for r in results[:-1]:
+        if not any(s.ref is r for s in sites):
+            raise VariantError(f"{AMBIGUOUS}: a result no later step uses")
+    for j, result in enumerate(results):  # 200 - 100 = 100: the result may be the question's 100 itself, and the
+        own = [s for s in sites if s.annotation == j]  # step a formula that only holds for the source's numbers
+        if len(own) == 2 and re.fullmatch(r"[\d.]+[-/][\d.]+", own[0].expr) and own[1].value == result.value \
+                and own[1].ref is not None and own[1].ref.kind == "q":
+            raise VariantError(f"{AMBIGUOUS}: a step whose result equals its own question number")
+    used = {s.ref.value for s in sites if s.ref is not None and s.ref.kind == "q"}
+    pairs = [(a, b) for a in sites for b in sites if a is not b and a.annotation == b.annotation]
+    for q in qrefs:  # a question number no calculation uses that two numbers of one calculation make up (35 = 20 + 15)
+        if q.value not in used | SMALL_CONSTANTS and q.index not in frozen \
+                and any(Fraction(a.value) + Fraction(b.value) == Fraction(q.value) for a, b in pairs):
+            raise VariantError(f"{AMBIGUOUS}: a question number split in the head")
+    for n, site in enumerate(sites):  # a constant of a question number's value, not named as one: that number keeps it
+        if site.ref is None and n not in named:
+            frozen |= {q.index for q in qrefs if q.value == site.value}
+        stated = NUMBER.fullmatch(site.expr) is not None  # <<12=12>>: a number put down, not calculated
+        if site.ref is None and (stated or site.value not in SMALL_CONSTANTS) \
+                and not _hinted(site.value, qwords | site.words, question) \
+                and not any(q.value == site.value for q in qrefs):  # a number of the question's keeps its value
+            found = _derivations(Fraction(site.value), qrefs + results[:site.annotation])
+            if not found or stated:
+                raise VariantError(f"{AMBIGUOUS}: a number neither in the question nor calculated")
+            ids = {id(q): q.index for q in qrefs}
+            if any(not d <= set(ids) for d in found):
+                raise VariantError(f"{AMBIGUOUS}: a number derived from a result without a calculation")
+            frozen |= {ids[i] for d in found if d <= set(ids) for i in d}
+    return frozen
+
+
+def _parse_solution(lines: list[str]) -> tuple[list[_Site], list[_Ref], list[int], dict[tuple[int, int], int]]:
+    """The calculation numbers (sites) and results of GSM8K solution lines, the first site of each annotation, and
+    for each number of the text that repeats a calculation number ((line, start) → site)."""
+    sites: list[_Site] = []
+    results: list[_Ref] = []
+    first_site: list[int] = []
+    mirrors: dict[tuple[int, int], int] = {}
+    for i, ln in enumerate(lines):
+        annots = list(GSM_ANNOT.finditer(ln))
+        text = "".join(ln[a:b] for a, b in zip([0] + [m.end() for m in annots], [m.start() for m in annots] + [len(ln)]))
+        words = frozenset(_content(text))
+        for j, m in enumerate(annots):
+            prev_end = annots[j - 1].end() if j else 0
+            nxt = annots[j + 1].start() if j + 1 < len(annots) else len(ln)
+            before = ln[prev_end:m.start()]
+            shown = re.match(r"\$?\s*" + NUMBER.pattern, ln[m.end():nxt])
+            rest = ln[m.end() + (shown.end() if shown else 0):nxt]
+            rest = rest[:next(NUMBER.finditer(rest)).start()] if NUMBER.search(rest) else rest
+            first_site.append(len(sites))
+            shown_numbers = [(t.start(), _num_value(t.group(0)), before[:t.start()].rstrip().endswith(("$", "£", "€")),
+                              _noun(before[t.end():])) for t in NUMBER.finditer(before)]
+            pointer, expr = 0, m.group(1).replace(" ", "").replace(",", "")
+            for lit in NUMBER.finditer(expr):
+                value = _num_value(lit.group(0))
+                mirror = next((k for k in range(pointer, len(shown_numbers)) if shown_numbers[k][1] == value), None)
+                money, noun = None, ""
+                if mirror is not None:
+                    pointer = mirror + 1
+                    mirrors[(i, prev_end + shown_numbers[mirror][0])] = len(sites)
+                    money, noun = shown_numbers[mirror][2:]
+                    money = money if "$" in before.rstrip("=$ ") else None  # no "$" but the result's: unknown
+                sites.append(_Site(i, len(results), lit.span(), value, words, money, expr, noun))
+            try:
+                value = _num_value(m.group(2).strip())
+            except InvalidOperation:
+                raise VariantError(f"annotation result {m.group(2)!r} is not a number") from None
+            tail = rest if rest.strip(" .,") else before[[0, *(t.end() for t in NUMBER.finditer(before))][-1]:]
+            money = "$" in before or bool(re.match(r"\s*\$", ln[m.end():nxt])) or bool(re.match(r"\s*(dollar|cent)", tail))
+            results.append(_Ref("r", len(results), value, frozenset(_content(tail)[:3]),  # the words after the shown
+                                frozenset(_content(before)[-3:]), words, money, noun=_noun(tail)))  # result, or the
+            # calculation when a chain's thought puts them there ("48/2 clips in May. = <<48/2=24>>24")
+    return sites, results, first_site, mirrors
+
+
+def _singular_in(plural: str, text: str) -> bool:
+    """Whether the text also uses the entity's singular or a compound of it (a swap of the plural alone would leave
+    "bike" beside "trucks", or "hotdogs" beside "hot ducks")."""
+    forms = {plural[:-1]} | ({plural[:-3] + "y"} if plural.endswith("ies") else set()) \
+        | ({plural[:-2]} if plural.endswith(("ches", "shes", "xes", "sses")) else set())
+    whole = len(re.findall(rf"\b{re.escape(plural)}\b", text, re.IGNORECASE))
+    return any(len(re.findall(re.escape(f), text, re.IGNORECASE)) > (whole if plural.startswith(f) else 0)
+               for f in forms)
+
+
+def _kindred_in(entity: str, text: str) -> bool:
+    """Whether the text names another entity of the same lexicon group ("novels" and "books" may be the same things:
+    swapped apart they would not be)."""
+    return any(e != entity and re.search(rf"\b{e}\b", text) for e in ENTITIES[GROUP_OF[entity]])
+
+
 def track_from_gsm8k(record: dict, line: int) -> Track:
-    """Turn one GSM8K record into a track: question numbers used in the annotations become slots n1.., each
-    annotation result a computed slot r1.., lexicon names and entities slots name1.. / item1... Raises
-    VariantError when the template does not re-compute the original annotations."""
+    """Turn one GSM8K record into a track: each question number occurrence a calculation refers to becomes a slot
+    n1.. (occurrences, not values: what a calculation number refers to — which occurrence, an earlier result or a
+    constant — is decided from the words around it and the data flow; occurrences the evidence cannot tell apart
+    share a slot, ones that may be a constant keep their value), each annotation result a computed slot r1..,
+    lexicon names and entities slots name1.. / item1... Raises VariantError when the template does not re-compute
+    the original annotations, or "ambiguous number: …" when a number may be a result or something else."""
     question, answer_text = record.get("question"), record.get("answer")
     if not isinstance(question, str) or not isinstance(answer_text, str) or "####" not in answer_text:
         raise VariantError("not a GSM8K record (question / answer with '####')")
@@ -277,66 +611,102 @@ def track_from_gsm8k(record: dict, line: int) -> Track:
         raise VariantError("braces in the text")
     body, _, final = answer_text.rpartition("####")
     lines = [ln.strip() for ln in body.splitlines() if ln.strip()]
-    annotated = [m for ln in lines for m in GSM_ANNOT.finditer(ln)]
-    if not annotated:
+    if not any(GSM_ANNOT.search(ln) for ln in lines):
         raise VariantError("no <<expr=result>> annotation")
-    literals = {_num_value(n) for m in annotated for n in NUMBER.findall(m.group(1).replace(" ", ""))}
-    slot_of: dict[str, str] = {}
-    for m in QNUMBER.finditer(question):
-        value = _num_value(m.group(1) + (m.group(2) or ""))
-        if value in literals and value not in slot_of:
-            slot_of[value] = f"n{len(slot_of) + 1}"
-    if not slot_of:
+    qinfo = _question_refs(question)
+    qrefs = [r for r, _ in qinfo]
+    sites, results, first_site, mirrors = _parse_solution(lines)
+    if not any(s.value == q.value for s in sites for q in qrefs):
         raise VariantError("no question number is used in a calculation")
-    bounds: dict[str, list[float]] = {}
-
-    def qsub(m: re.Match) -> str:
-        value = _num_value(m.group(1) + (m.group(2) or ""))
-        if value not in slot_of:
-            return m.group(0)
-        after = question[m.end():m.end() + 8].lstrip()
-        if after.startswith("%") or after.startswith("percent"):
-            bounds[slot_of[value]] = [0, 100]
-        return m.group(0)[: m.group(0).index(m.group(1))] + "{" + slot_of[value] + "}"
-
-    q_template = QNUMBER.sub(qsub, question)
-    names = [w for w in dict.fromkeys(re.findall(r"[A-Za-z]+", question)) if w in NAME_OF]
-    items = [w for w in dict.fromkeys(re.findall(r"[a-z]+", question)) if w in GROUP_OF]
-    word_slots = {w: f"name{i + 1}" for i, w in enumerate(names)} | {w: f"item{i + 1}" for i, w in enumerate(items)}
-    results: list[tuple[str, str]] = []  # (value, slot), most recent last
-
-    def numsub(text: str) -> str:
-        def one(m: re.Match) -> str:
-            value = _num_value(m.group(0))
-            for v, name in reversed(results):
-                if v == value:
-                    return "{" + name + "}"
-            return "{" + slot_of[value] + "}" if value in slot_of else m.group(0)
-        return NUMBER.sub(one, text)
-
-    solution = []
-    for ln in lines:
-        out, last = [], 0
-        for m in GSM_ANNOT.finditer(ln):
-            out.append(numsub(ln[last:m.start()]))
-            expr = numsub(m.group(1).replace(" ", "").replace(",", ""))
-            name = f"r{len(results) + 1}"
-            try:
-                results.append((_num_value(m.group(2).strip()), name))
-            except InvalidOperation:
-                raise VariantError(f"annotation result {m.group(2)!r} is not a number") from None
-            out.append(f"<<{expr}={name}>>")
-            last = m.end()
-        out.append(numsub(ln[last:]))
-        solution.append(_replace_words("".join(out), {w: "{" + s + "}" for w, s in word_slots.items()}))
     final_value = _num_value(final.strip()) if NUMBER.fullmatch(final.strip().replace("$", "")) else None
-    answer = next(("{" + n + "}" for v, n in reversed(results) if v == final_value), None)
+    answer = next(("{" + f"r{r.index + 1}" + "}" for r in reversed(results) if r.value == final_value), None)
     if answer is None:
         raise VariantError(f"answer {final.strip()!r} is not the result of an annotation")
+    if WRITTEN.search(GSM_ANNOT.sub(" ", re.sub(r"=\s*\$?<<", "<<", body))):
+        raise VariantError(f"{AMBIGUOUS}: arithmetic written in the text, not calculated")
+    group, frozen = _resolve(question, qrefs, sites, results, first_site)
+    frozen = {k for k in group if group[k] in {group[f] for f in frozen}}
+    used = {group[s.ref.index] for s in sites if s.ref is not None and s.ref.kind == "q"} - frozen
+    for q in qrefs:  # an unused repetition of a used quantity (same value, same noun) changes with it
+        if group[q.index] not in used and q.index not in frozen:
+            same = [p for p in qrefs if group[p.index] in used and p.value == q.value and p.after & q.after]
+            if same:
+                group[q.index] = group[same[0].index]
+    names: dict[int, str] = {}
+    for q in qrefs:
+        if group[q.index] in used and group[q.index] not in names:
+            names[group[q.index]] = f"n{len(names) + 1}"
+
+    def slot(ref: _Ref | None) -> str | None:
+        if ref is None:
+            return None
+        if ref.kind == "r":
+            return f"r{ref.index + 1}"
+        return names.get(group[ref.index]) if ref.index not in frozen else None
+
+    bounds: dict[str, list[float]] = {}
+    parts, last = [], 0
+    for ref, m in qinfo:
+        name = names.get(group[ref.index]) if ref.index not in frozen else None
+        if name:
+            parts += [question[last:m.start()], m.group(0)[: m.group(0).index(m.group(1))] + "{" + name + "}"]
+            last = m.end()
+            if ref.percent and Decimal(ref.value) <= 100:
+                bounds[name] = [0, 100]
+    q_template = "".join(parts) + question[last:]
+    word_slots = {w: f"name{i + 1}" for i, w in enumerate(w for w in dict.fromkeys(re.findall(r"[A-Za-z]+", question))
+                                                          if w in NAME_OF)}
+    word_slots |= {w: f"item{i + 1}" for i, w in enumerate(w for w in dict.fromkeys(re.findall(r"[a-z]+", question))
+                                                           if w in GROUP_OF and not _singular_in(w, question + body)
+                                                           and not _kindred_in(w, question + body))}
+
+    def text_number(i: int, start: int, value: str, current: int, shown: bool) -> str | None:
+        """The slot a number of the solution's text stands for: the calculation number it repeats, the result shown
+        after its annotation, else the one earlier result or question slot of that value the words point to."""
+        if (i, start) in mirrors:
+            return slot(sites[mirrors[(i, start)]].ref)
+        if shown and results[current].value == value:
+            return slot(results[current])
+        words = sites_words[i]
+        cands = [r for r in results[:current + 1] if r.value == value]
+        cands += [q for q in qrefs if q.value == value and slot(q)]
+        scored = sorted(((c.score(words, None), c) for c in cands), key=lambda t: t[0], reverse=True)
+        if len(scored) == 1 or (scored and scored[0][0] - scored[1][0] >= 1):
+            return slot(scored[0][1])
+        return None
+
+    sites_words = {i: frozenset(_content(GSM_ANNOT.sub(" ", ln))) for i, ln in enumerate(lines)}
+    solution, site_at, current = [], 0, -1
+    for i, ln in enumerate(lines):
+        out, last = [], 0
+
+        def numsub(text: str, offset: int, shown_after: bool) -> str:
+            def one(m: re.Match) -> str:
+                name = text_number(i, offset + m.start(), _num_value(m.group(0)), current,
+                                   shown_after and not text[:m.start()].strip(" $"))
+                return "{" + name + "}" if name else m.group(0)
+            return NUMBER.sub(one, text)
+
+        for m in GSM_ANNOT.finditer(ln):
+            out.append(numsub(ln[last:m.start()], last, last > 0))
+            expr = m.group(1).replace(" ", "").replace(",", "")
+            pieces, pos = [], 0
+            while site_at < len(sites) and sites[site_at].line == i and sites[site_at].annotation == current + 1:
+                s = sites[site_at]
+                name = slot(s.ref)
+                pieces += [expr[pos:s.span[0]], "{" + name + "}" if name else expr[s.span[0]:s.span[1]]]
+                pos, site_at = s.span[1], site_at + 1
+            current += 1
+            out.append(f"<<{''.join(pieces) + expr[pos:]}=r{current + 1}>>")
+            last = m.end()
+        out.append(numsub(ln[last:], last, last > 0))
+        solution.append(_replace_words("".join(out), {w: "{" + s + "}" for w, s in word_slots.items()}))
+    if not names:
+        raise VariantError("no question number is used in a calculation")
     q_template = _replace_words(q_template, {w: "{" + s + "}" for w, s in word_slots.items()})
-    values = {s: [v] for v, s in slot_of.items()} | {s: [w] for w, s in word_slots.items()}
-    used = set(SLOT.findall(q_template + "\n".join(solution)))
-    values = {k: v for k, v in values.items() if k in used}
+    values = {n: [qrefs[k].value] for k, n in names.items()} | {s: [w] for w, s in word_slots.items()}
+    used_slots = set(SLOT.findall(q_template + "\n".join(solution)))
+    values = {k: v for k, v in values.items() if k in used_slots}
     track = Track(id=f"gsm8k-{line}", question=q_template, solution=solution, slots=values, answer=answer,
                   bounds={k: v for k, v in bounds.items() if k in values}, source=f"gsm8k line {line}")
     try:
@@ -344,9 +714,9 @@ def track_from_gsm8k(record: dict, line: int) -> Track:
         chain, bound, _ = track.render(track.source_values())
     except VariantError as exc:
         raise VariantError(str(exc).split(": ", 1)[-1]) from None
-    for v, name in results:
-        if Decimal(bound[name]) != Decimal(v):
-            raise VariantError(f"annotation result {v} does not re-compute (the template gives {bound[name]})")
+    for r in results:
+        if Decimal(bound[f"r{r.index + 1}"]) != Decimal(r.value):
+            raise VariantError(f"annotation result {r.value} does not re-compute (the template gives {bound[f'r{r.index + 1}']})")
     original = Chain(" ".join(question.split()), *parse_gsm8k_answer(answer_text)[:2], line)
     if skeleton(chain.to_text(), exact=True) != skeleton(original.to_text(), exact=True):
         raise VariantError("re-rendering the template does not give the original chain")
@@ -614,6 +984,69 @@ def _impossible(source: dict[str, str], new: dict[str, str], computed: list[str]
     return None
 
 
+QUESTION_FRACTION = re.compile(r"\{(\w+)\}\s*/\s*\{(\w+)\}")
+
+
+def _operations(track: Track, values: dict[str, str]) -> list[tuple[str, Fraction, Fraction]] | None:
+    """Every binary operation of the track's calculations as (operator, left, right) for these slot values, in a
+    fixed order (the same for every variant of a track); None when a calculation cannot be evaluated here."""
+    bound = {k: Fraction(Decimal(v.replace(",", ""))) for k, v in values.items() if _is_number(v)}
+    ops: list[tuple[str, Fraction, Fraction]] = []
+
+    def walk(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.Name):
+            return bound[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -walk(node.operand) if isinstance(node.op, ast.USub) else walk(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = walk(node.left), walk(node.right)
+            ops.append((type(node.op).__name__, a, b))
+            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) \
+                else a * b if isinstance(node.op, ast.Mult) else a / b
+        raise ValueError("not plain arithmetic")
+
+    try:
+        for line in track.solution:
+            for m in ANNOT.finditer(line):
+                value = walk(ast.parse(SLOT.sub(r"\1", m.group(1)).replace(",", "").replace(" ", ""), mode="eval").body)
+                if m.group(2):
+                    bound[m.group(2)] = value
+    except (ValueError, KeyError, SyntaxError, ZeroDivisionError, RecursionError):
+        return None
+    return ops
+
+
+def _implausible(track: Track, values: dict[str, str]) -> str | None:
+    """Why the variant's question makes no sense (learned from the source): a fraction of a group written in the
+    question at 1 or more where the source's was below, a percentage above 100 where the source's was not; or None."""
+    src = track.source_values()
+    for a, b in QUESTION_FRACTION.findall(track.question):
+        if _is_number(src.get(a, "")) and _is_number(src.get(b, "")) and Decimal(src[a]) < Decimal(src[b]) \
+                and Decimal(values[a]) >= Decimal(values[b]):
+            return "implausible value: a fraction of a group above 1"
+    for name, limits in track.bounds.items():
+        if limits == [0, 100] and Decimal(src[name]) <= 100 < Decimal(values[name]):
+            return "implausible value: a percentage above 100"
+    return None
+
+
+def _implausible_steps(track: Track, source: list[tuple[str, Fraction, Fraction]] | None,
+                       values: dict[str, str]) -> str | None:
+    """Why the variant's steps make no sense although they compute (learned from the source's steps): a part above
+    its whole (a subtraction the source kept non-negative), a fraction the source kept below 1 at 1 or more; or None."""
+    new = _operations(track, values) if source else None
+    if not new or len(new) != len(source):
+        return None
+    for (op, a, b), (_, x, y) in zip(source, new):
+        if op == "Sub" and a >= b and x < y:
+            return "implausible value: a part above its whole"
+        if op == "Div" and 0 < a < b and x >= y:
+            return "implausible value: a fraction above 1"
+    return None
+
+
 def _annotations(line: str) -> list[re.Match]:
     return list(ANNOT.finditer(line))
 
@@ -683,6 +1116,7 @@ def make_variants(track: Track, cfg: VariantConfig, skipped: Counter | None = No
     rng = random.Random(f"{cfg.seed}:{track.id}")
     chain, bound, text = track.render(track.source_values())
     out = [Variant(track.id, 0, bound, chain, text, [])]
+    source_ops = _operations(track, track.source_values())
     seen = {chain.to_text()}
     candidates = track.rows[1:] if track.rows else None
     for _ in range(cfg.variants * 25):
@@ -704,7 +1138,14 @@ def make_variants(track: Track, cfg: VariantConfig, skipped: Counter | None = No
         except VariantError as exc:
             skipped["calculation failed" + (": division by zero" if "zero" in str(exc) else "")] += 1
             continue
-        why = _impossible(bound, v_bound, track.computed)
+        if shaped is not track:  # a merged step hides its result: check the values of the unmerged chain too
+            try:
+                v_bound = track.render(values, question)[1] | v_bound
+            except VariantError:
+                skipped["calculation failed"] += 1
+                continue
+        why = _implausible(track, values) or _impossible(bound, v_bound, track.computed) \
+            or _implausible_steps(track, source_ops, values)
         if why or v_chain.to_text() in seen:
             skipped[why or "duplicate"] += 1
             continue

@@ -3,6 +3,7 @@ recompute and verify, the surface/structure knobs, skip reasons, and the CLI tha
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections import Counter
@@ -228,3 +229,157 @@ def test_cli_writes_stellator_files_and_stats(tmp_path):
     assert len(load_chains(out / "train.jsonl").chains) == stats["train_chains"]
     bad = CliRunner().invoke(app, ["dataset", "variants", "--data", str(GSM8K), "--out", str(out), "--variability", "2"])
     assert bad.exit_code != 0 and "variability must be in [0, 1]" in bad.output
+
+
+# --- numbers from occurrences, not values (issue 28) -----------------------------------------------------------------
+
+
+def numbers_in(text: str) -> list[int]:
+    """The question's numbers in order (its text is the only thing a reader has)."""
+    return [int(n) for n in re.findall(r"\d+", text)]
+
+
+def variants_of(record: dict, **config) -> list:
+    """The source and its number variants (many draws), or the VariantError that skipped the record."""
+    return make_variants(track_from_gsm8k(record, 1), VariantConfig(variants=12, heldout=0, variability=1.0,
+                                                                    edits="numbers", **config))
+
+
+DALE = {"question": "Dale and Andrew had breakfast at a cafe. A slice of toast costs £1, and eggs cost £3 each. Dale had 2 "
+                    "slices of toast and 2 eggs. Andrew had 1 slice of toast and 2 eggs. How much did their breakfast cost?",
+        "answer": "The cost of Dale's toast is 2 × $1 = $<<2*1=2>>2.\nThe cost of Andrew's toast is 1 × $1 = $<<1*1=1>>1.\n"
+                  "The cost of Dale's eggs is 2 × $3 = $<<2*3=6>>6.\nThe cost of Andrew's eggs is 2 × $3 = $<<2*3=6>>6.\n"
+                  "Their breakfast cost $2 + $1 + $6 + $6 = $<<2+1+6+6=15>>15.\n#### 15"}
+PENS = {"question": "Tom buys 2 pens. Each pen costs $2. He also buys 3 notebooks for $5 each. How much does he spend?",
+        "answer": "The pens cost 2 x $2 = $<<2*2=4>>4.\nThe notebooks cost 3 x $5 = $<<3*5=15>>15.\n"
+                  "He spends $4 + $15 = $<<4+15=19>>19.\n#### 19"}
+PACKS = {"question": "Sara buys 3 packs of 4 pens. Her friend gives her 12 pencils. How many pens and pencils does she have?",
+         "answer": "Sara has 3 * 4 = <<3*4=12>>12 pens.\nShe has 12 pens + 12 pencils = <<12+12=24>>24 pens and pencils.\n#### 24"}
+GROVE = {"question": "Jack has a grove with 4 trees by 5 trees. It takes 6 minutes to clean each tree. He gets help to clean "
+                     "the trees so it only takes half as long. How many hours did he spend cleaning trees?",
+         "answer": "There were 4*5=<<4*5=20>>20 trees to clean\nSo it took 20*6=<<20*6=120>>120 minutes\n"
+                   "That is 120/60=<<120/60=2>>2 hours\nSo he spent 2/2=<<2/2=1>>1 hour cleaning\n#### 1"}
+CLASS = {"question": "There are 40 students in a class. 3/4 of them are in the classroom and the rest are in the canteen. "
+                     "How many students are in the canteen?",
+         "answer": "3/4 x 40 = <<3/4*40=30>>30 students are in the classroom.\n"
+                   "So 40 - 30 = <<40-30=10>>10 students are in the canteen.\n#### 10"}
+
+
+@pytest.mark.parametrize(("record", "gold"), [
+    (DALE, lambda n: n[2] * n[0] + n[4] * n[0] + n[3] * n[1] + n[5] * n[1]),  # toast, eggs: 2 slices ≠ 2 eggs ≠ result 2
+    (PENS, lambda n: n[0] * n[1] + n[2] * n[3]),  # a count of 2 and a price of 2
+    (PACKS, lambda n: n[0] * n[1] + n[2]),  # the question's 12 pencils equal the result 12 pens
+])
+def test_a_repeated_value_or_a_result_equal_to_a_question_number_keeps_its_meaning(record, gold):
+    variants = variants_of(record)
+    assert len(variants) > 3
+    for v in variants:
+        assert v.chain.answer == str(gold(numbers_in(v.chain.question))), (v.chain.question, v.gsm8k_answer)
+        assert verify_chain(v.chain) is None
+
+
+def test_the_issue_example_no_longer_multiplies_the_eggs_by_the_toast_cost():
+    track = track_from_gsm8k(DALE, 76)
+    assert "{r1}" not in "".join(track.solution[1:4])  # Dale's toast cost (2) is used only in the total
+    eggs = track.solution[2]
+    assert "<<{n1}" not in eggs and "{n2}=r3" in eggs
+
+
+def test_a_number_that_may_be_a_result_or_a_constant_skips_the_track_with_the_reason():
+    with pytest.raises(VariantError, match="^ambiguous number: a result or a constant"):
+        track_from_gsm8k(GROVE, 1)  # "half as long" is 2 and so is the 2 hours: 2/2 cannot be told apart
+    written = {"question": "Kevin has 15 phones and repairs 3. A client brings 6 more. He and a coworker each fix half. "
+                           "How many phones does each fix?",
+               "answer": "Kevin has 15 - 3 = <<15-3=12>>12 phones left.\nWith the client's, 12 + 6 = 18 phones, so each "
+                         "fixes 18 / 2 = <<18/2=9>>9 phones.\n#### 9"}
+    with pytest.raises(VariantError, match="^ambiguous number: arithmetic written in the text, not calculated"):
+        track_from_gsm8k(written, 1)  # 12 + 6 = 18 is written, not calculated: a variant could not recompute it
+    unused = written | {"answer": written["answer"].replace("12 + 6 = 18 phones", "that makes 18 phones")}
+    with pytest.raises(VariantError, match="^ambiguous number: a result no later step uses"):
+        track_from_gsm8k(unused, 1)  # the 12 phones left feed no calculation: the 18 after it is not recomputed
+
+
+@pytest.mark.parametrize(("question", "answer", "reason"), [
+    ("Tom has 5 boxes of pens. How many pens does he have?", "Each box holds 13 pens, so 5*13 = <<5*13=65>>65 pens.\n"
+     "#### 65", "a number neither in the question nor calculated"),
+    ("Amy watches 35 minutes of a film, and a rewind adds 5 minutes. She watches 45 minutes more, and a rewind adds 15 "
+     "minutes. She watches the last 20 minutes. How long did it take?",
+     "The film is 20 + 15 + 45 + 20 = <<20+15+45+20=100>>100 minutes.\nRewinding added 5 + 15 = <<5+15=20>>20 minutes.\n"
+     "In all 100 + 20 = <<100+20=120>>120 minutes.\n#### 120", "a question number split in the head"),
+])
+def test_numbers_the_solution_works_out_without_the_calculator_skip_the_track(question, answer, reason):
+    with pytest.raises(VariantError, match=f"^ambiguous number: {reason}$"):
+        track_from_gsm8k({"question": question, "answer": answer}, 1)  # 13 per box and 35 = 20 + 15 are in no step
+
+
+def test_a_fraction_of_a_group_stays_below_one_unless_it_was_above_in_the_source():
+    skipped: Counter = Counter()
+    variants = make_variants(track_from_gsm8k(CLASS, 1), VariantConfig(variants=12, heldout=0, variability=1.0,
+                                                                        edits="numbers"), skipped)
+    assert len(variants) > 3
+    for v in variants:
+        a, b, total = numbers_in(v.chain.question)[1:3] + numbers_in(v.chain.question)[:1]
+        assert a < b and v.chain.answer == str(total - total * a // b), v.chain.question
+    assert skipped["implausible value: a fraction of a group above 1"] > 0
+    more = {"question": CLASS["question"].replace("3/4 of them are in the classroom and the rest are in the canteen",
+                                                  "5/4 of that many are in the school choir"),
+            "answer": "5/4 x 40 = <<5/4*40=50>>50 students are in the choir.\n#### 50"}
+    assert any(numbers_in(v.chain.question)[1] >= numbers_in(v.chain.question)[2] for v in variants_of(more)[1:])
+
+
+def test_stats_count_ambiguous_tracks_and_implausible_draws(tmp_path):
+    data = write(tmp_path, "".join(json.dumps(r) + "\n" for r in (DALE, GROVE, CLASS, NATALIA)), "g.jsonl")
+    out = tmp_path / "stel"
+    result = CliRunner().invoke(app, ["dataset", "variants", "--data", str(data), "--out", str(out), "--variants", "6",
+                                      "--heldout", "1", "--variability", "1", "--edits", "numbers"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["chains_skipped"] == {"ambiguous number: a result or a constant": 1} and stats["tracks"] == 3
+    assert stats["draws_skipped"].get("implausible value: a fraction of a group above 1", 0) > 0
+
+
+# --- the hand-checked samples: held-out variants of GSM8K train before and after the fix ------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def checked(name: str) -> list[dict]:
+    """A hand-checked sample: 50 held-out variants drawn at random with a fixed seed from the full GSM8K train run
+    (before: the generator of commit 29f4985; after: the fixed one), each read and labelled right or wrong (does the
+    gold follow from the variant's own question?), with a reason for a wrong one and its source record."""
+    return [json.loads(line) for line in (FIXTURES / f"variants_checked_{name}.jsonl").read_text().splitlines()]
+
+
+def regenerate(record: dict, tmp_path: Path) -> list | str:
+    """The variants the generator makes today from the record's source, as in the full run (its track id, the
+    run's settings), or why the source is skipped. The cyclic GC is off meanwhile: calc's CPU-time limit counts a
+    collection's pause, and a calculation it fails would shift the draws."""
+    source = write(tmp_path, json.dumps(record["source"]) + "\n", "source.jsonl")
+    chain = load_chains(source).chains[0]
+    chain.line = int(record["track"].rpartition("-")[2])
+    gc.disable()
+    try:
+        lib = library_from_chains([chain])
+        return make_variants(lib.tracks[0], VariantConfig(variants=4, heldout=2)) if lib.tracks else lib.skipped[0][1]
+    finally:
+        gc.enable()
+
+
+def test_the_hand_checked_sample_after_the_fix_has_at_most_one_wrong_gold_and_is_what_the_generator_makes(tmp_path):
+    after = checked("after")
+    assert len(after) >= 50 and sum(r["label"] == "wrong" for r in after) <= 1
+    for r in after:
+        v = regenerate(r, tmp_path)[r["variant"]]
+        assert (v.chain.question, v.gsm8k_answer) == (r["question"], r["answer"])
+        assert v.gsm8k_answer.rpartition("####")[2].strip() == r["gold"]
+
+
+def test_the_wrong_golds_found_before_the_fix_are_no_longer_made(tmp_path):
+    before = checked("before")
+    wrong = [r for r in before if r["label"] == "wrong"]
+    assert len(before) >= 50 and len(wrong) == 11 and all(r["reason"] for r in wrong)
+    for r in wrong:
+        made = regenerate(r, tmp_path)
+        assert isinstance(made, str) or all((v.chain.question, v.gsm8k_answer) != (r["question"], r["answer"])
+                                            for v in made)
