@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     tracks = make_tracks(train, families)
-    index = Index.build([t.question for t in tracks])
+    index = Index.build([t.question for t in tracks], [t.family for t in tracks])  # at most PER_FAMILY per family
     idf_of = word_idf(index)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -344,9 +344,9 @@ class Chooser:
     def fit_lists(cls, lists: Sequence[tuple[np.ndarray, np.ndarray]], steps: int = 1500, lr: float = 0.5,
                   l2: float = 1e-3) -> Chooser:
         """Fit to choose: a softmax over each question's retrieved tracks (rows, labels) trained to put its mass on
-        the right ones (lists without a right track teach nothing here), then calibrated — one scale and offset
-        fitted by logistic regression on each list's best-scored track — so the chosen track's ``p`` is the
-        probability that it answers right and the threshold can refuse."""
+        the right ones (lists without a right track teach nothing here), then calibrated — a scale, the list's best
+        similarity and an offset, fitted by logistic regression on each list's best-scored track — so the chosen
+        track's ``p`` is the probability that it answers right and the threshold can refuse."""
         width = max(len(y) for _, y in lists)
         dim = lists[0][0].shape[1]
         X = np.zeros((len(lists), width, dim))
@@ -363,11 +363,18 @@ class Chooser:
             p /= p.sum(1, keepdims=True)
             w -= lr * (np.einsum("qk,qkd->d", p - target, Xt) / len(Xt) + l2 * w)
         scores = np.where(mask, X @ w, -np.inf)
-        best = scores.argmax(1)
-        top, labels = scores[np.arange(len(X)), best], Y[np.arange(len(X)), best]
-        scale = cls.fit(np.stack([top, np.ones_like(top)], 1), labels).weights
-        bias = FEATURES.index("bias")
-        return cls([scale[0] * x + (scale[1] if i == bias else 0.0) for i, x in enumerate(w)], REFUSE_BELOW)
+        best, rows = scores.argmax(1), np.arange(len(X))
+        chosen, labels = X[rows, best], Y[rows, best]
+        sim, gap, bias = FEATURES.index("similarity"), FEATURES.index("gap"), FEATURES.index("bias")
+        # scale the score; shift it by the list's best similarity (similarity − gap: the same for every track of a
+        # list, so the choice is unchanged) and a constant: a softmax cannot learn how good a whole list is
+        a, c, b = cls.fit(np.stack([scores[rows, best], chosen[:, sim] - chosen[:, gap], chosen[:, bias]], 1),
+                          labels).weights
+        out = a * w
+        out[sim] += c
+        out[gap] -= c
+        out[bias] += b
+        return cls([float(x) for x in out], REFUSE_BELOW)
 
 
 DEFAULT_CHOOSER = Chooser([1.0, 0.5, -0.3, 0.5, 0.5, 1.0, 0.5, -1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 2.0, -0.5, 1.0, 1.0,
