@@ -15,7 +15,8 @@ def test_training_variants_never_include_the_decoded_heldout_variants():
     sample = load_chains(TRAIN, "gsm8k").chains
     chains, families = training_chains(TRAIN, variants=True)
     heldout = heldout_variants(str(TRAIN), 10)
-    assert len(heldout) == 20 and len(chains) > 4 * len(sample)
+    # two per record, fewer where a record's numbers cannot vary safely (ambiguous slots are kept equal or skipped)
+    assert 18 <= len(heldout) <= 20 and len(chains) > 3 * len(sample)
     trained = {c.question for c in chains}
     assert not trained & {c.question for c in heldout}
     assert {c.question for c in sample} <= trained
