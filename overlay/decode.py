@@ -206,21 +206,29 @@ class OverlayDecoder:
             raise ValueError(f"the question has {len(question)} characters; the limit is {self.config.max_question_chars}")
         return encode(self.tokenizer, f"{Q} {question} ")
 
-    def new_state(self, question: str) -> DecodeState:
-        """A chain holding only the prompt ``<Q> question``; ``step`` extends it."""
+    def new_state(self, question: str, sampling: tuple[float, float, int] | None = None) -> DecodeState:
+        """A chain holding only the prompt ``<Q> question`` (sampled with ``sampling`` when given, else as the config
+        says); ``step`` extends it."""
         ids = self._prompt(question)
-        state = DecodeState(" ".join(question.split()), ids, len(ids), Router(sep=""))
+        state = DecodeState(" ".join(question.split()), ids, len(ids), Router(sep=""), sampling=sampling)
         self._route(state)
         return state
 
     def _route(self, state: DecodeState) -> None:
-        """GetTracks once per question: the chooser's track (if any passes its threshold) is followed while decoding."""
+        """GetTracks once per question. A greedy chain follows the chooser's track (if any passes its threshold); a
+        sampled chain draws the track it follows from the retrieved ones by the chooser's p (none by 1 - the best p),
+        seeded like its tokens, so the chains of a vote explore the tracks."""
         if self.tracks is None or not self.config.tracks or self.peer is not None:
             return
         from overlay.roles import question_numbers
         from overlay.tracks import Follower
 
         best, state.retrieved = self.tracks.choose(state.question, self.config.tracks)
+        temperature, _, seed = state.sampling or (self.config.temperature, self.config.top_p, self.config.seed)
+        if temperature > 0:
+            options = [r for r in state.retrieved if r.answer is not None]
+            weights = [r.p for r in options] + [1 - max((r.p for r in options), default=0.0)]
+            best = random.Random(seed * 7919 + 17).choices(options + [None], weights=weights)[0] if any(weights) else None
         if best is not None:
             state.follow = Follower(best, question_numbers(state.question), self._encode, self.numbers.spans,
                                     {t: IDS[t] for t in STEP_TAGS}, IDS[EOS])
@@ -540,6 +548,20 @@ class OverlayDecoder:
         if acc.stop_reason not in (None, "max_tokens", "low_score"):
             state.router.finish()
         state.saved = (len(ids), len(trace))
+        self._route(state)
+        if state.follow is not None:  # walk the track along the decisions already taken, as the trace records them
+            results = [c.output for c in state.router.tool_calls]
+            steps = acc.steps
+            for i, s in enumerate(steps):
+                if s.injected:
+                    continue
+                tokens = [s.token_id]
+                for later in steps[i + 1:]:
+                    if not (later.injected and later.source in ("copy", "track")):
+                        break
+                    tokens.append(later.token_id)
+                state.follow.proposal(results)
+                state.follow.observe(tokens, s.source == "track", TAG_NAMES)
         return state
 
     def generate(self, question: str = "", session_id: str | None = None, max_new_tokens: int | None = None) -> DecodeResult:

@@ -155,8 +155,6 @@ def decode_voted(decoder: OverlayDecoder, question: str, samples: int, config: D
         raise ValueError(f"the first chain answers another question: {first.question[:60]!r}")
     states = []
     for sampling in settings[0 if first is None else 1:]:
-        state = decoder.new_state(question)
-        state.sampling = sampling
-        states.append(state)
+        states.append(decoder.new_state(question, sampling))
     result = vote(([first] if first is not None else []) + decoder.run_batch(states), settings)
     return result.chain, result

@@ -50,10 +50,15 @@ def test_end_to_end_trace_is_consistent(parts):
     for step in steps:
         sources.add(step["source"])
         if step["injected"]:
-            assert step["source"] in ("tool", "copy", "table")
+            assert step["source"] in ("tool", "copy", "table", "track")
         elif step["source"] == "table":
             assert step["token_id"] == step["candidates"][step["chosen_rank"]]
             assert step["score"] <= 0
+        elif step["source"] == "track" and step["chosen_rank"] < len(step["candidates"]):
+            assert step["token_id"] == step["candidates"][step["chosen_rank"]]
+        elif step["source"] == "track":  # a number the track spells, offered as a copy value
+            offered = step["copies"][step["chosen_rank"] - len(step["candidates"])]
+            assert offered.split(":")[1].startswith(step["token"])
         else:
             offered = step["copies"][step["chosen_rank"] - len(step["candidates"])]
             assert offered.startswith(step["source"] + ":") and offered.split(":")[1].startswith(step["token"])
@@ -72,7 +77,7 @@ def test_the_question_is_visible_to_the_selector(parts):
     dec.force(a, prefix)
     dec.force(b, prefix)
     nb = dec.table.neighbours_batch([a.ids[-3:]], 16)
-    (la, _), (lb, _) = dec._scores([a, b], nb * 2)
+    (la, _), (lb, _) = dec._scores([a, b], nb * 2, [[], []])
     n = len(nb[0].ids)
     assert not torch.allclose(la[:n], lb[:n])
 

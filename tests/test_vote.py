@@ -108,14 +108,16 @@ def decoder(parts, **config) -> OverlayDecoder:
 
 
 def test_decode_voted_decodes_each_sample_as_its_own_seed_would(parts):
-    dec = decoder(parts, max_tokens=160)  # long enough for some sampled chains to reach an answer
+    dec = decoder(parts, max_tokens=160, tracks=0)  # long enough for some sampled chains to reach an answer; the
+    # table and selector alone, so the samples differ token by token (tracks: test_sampled_chains_draw_their_tracks)
     question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
     chosen, result = decode_voted(dec, question, 5)
     assert result.samples == len(result.results) == 5 and len({s[2] for s in result.sampling}) == 5
     texts = [r.text for r in result.results]
     assert texts[0] == dec.generate(question).text  # chain 0 is the greedy chain
     for (temperature, top_p, seed), text in zip(result.sampling[1:], texts[1:]):
-        assert text == decoder(parts, max_tokens=160, temperature=temperature, top_p=top_p, seed=seed).generate(question).text
+        assert text == decoder(parts, max_tokens=160, temperature=temperature, top_p=top_p, seed=seed,
+                               tracks=0).generate(question).text
     assert len(set(texts)) > 1  # the samples really sample
     assert chosen is result.chain and vote(result.results, result.sampling).to_dict() == result.to_dict()
     assert result.answers == [r.answer for r in result.results] and result.answer == chosen.answer
@@ -160,3 +162,17 @@ def test_the_evaluation_reports_the_vote_beside_greedy(parts):
     assert "### Answer voting (3 overlay chains per question" in markdown
     assert f"| exact_match, vote | {vote_gen['exact_match']:.3f} |" in markdown
     assert "vote" not in verification_success(table, model, tok, CHAINS[:1], DecodeConfig(max_tokens=20))
+
+
+def test_sampled_chains_draw_their_tracks(parts):
+    """With tracks, chain 0 follows the chooser's track and each sampled chain draws one by the chooser's p (or none),
+    as its own seed would alone."""
+    dec = decoder(parts, max_tokens=160)
+    question = "Natalia sold clips to 30 of her friends in April, and then she sold half as many clips in May. " \
+               "How many clips did Natalia sell altogether in April and May?"
+    _, result = decode_voted(dec, question, 4)
+    followed = [next((t["id"] for t in r.tracks if t["followed"]), None) for r in result.results]
+    assert followed[0] is not None and result.results[0].answer == "45"
+    for (temperature, top_p, seed), track in zip(result.sampling[1:], followed[1:]):
+        alone = decoder(parts, max_tokens=160, temperature=temperature, top_p=top_p, seed=seed).generate(question)
+        assert next((t["id"] for t in alone.tracks if t["followed"]), None) == track
