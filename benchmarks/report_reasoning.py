@@ -1,4 +1,4 @@
-"""Render the committed reasoning results as Markdown: decoded chains (overlay, full-context peer, table only),
+"""Render the committed reasoning results as Markdown: decoded chains (overlay, full-context peer, table only, track only),
 stellator data statistics and self-improvement rounds.
 
 Under ``benchmarks/results/``: ``reasoning/*.json`` holds the ``generation`` (and ``variants`` / ``vote``) part of
@@ -84,8 +84,8 @@ def _source(path: Path, data: dict[str, Any], where: str) -> str:
 
 def summary() -> str:
     """One row per decoded-chain result: exact-match of each method, well-formed chains and checks passed."""
-    rows = ["| result | questions | exact-match: overlay | peer | table only | well-formed (overlay) | checks passed "
-            "| vote exact-match |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| result | questions | exact-match: overlay | peer | table only | track only | well-formed (overlay) "
+            "| checks passed | vote exact-match |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         for part, suffix in PARTS.items():
@@ -95,7 +95,8 @@ def summary() -> str:
             adapter = f" (adapter {gen['adapter']})" if gen.get("adapter") else ""
             cells = [f"[{data['name']}{suffix}{adapter}]({_link(path)})", gen["questions"],
                      gen["overlay"]["exact_match"], gen.get("peer", {}).get("exact_match"),
-                     gen.get("table_only", {}).get("exact_match"), gen["overlay"]["well_formed"],
+                     gen.get("table_only", {}).get("exact_match"), gen.get("track_only", {}).get("exact_match"),
+                     gen["overlay"]["well_formed"],
                      gen["overlay"]["checks_passed"], gen.get("vote", {}).get("exact_match")]
             rows.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     for path in sorted(IMPROVE.glob("*.json")):
@@ -104,7 +105,7 @@ def summary() -> str:
         if first and last:
             rows.append(f"| [improve {data['name']}: before → after {len(data['rounds'])} rounds]"
                         f"({_link(path)}) | {last['questions']} | "
-                        f"{_fmt(first['exact_match'])} → {_fmt(last['exact_match'])} | – | – | "
+                        f"{_fmt(first['exact_match'])} → {_fmt(last['exact_match'])} | – | – | – | "
                         f"{_fmt(first['well_formed'])} → {_fmt(last['well_formed'])} | "
                         f"{_fmt(first['checks_passed'])} → {_fmt(last['checks_passed'])} | – |")
     return "\n".join(rows) + "\n"
