@@ -24,6 +24,7 @@ from overlay.cliutil import dataclass_params
 from overlay.configs import DatasetConfig, ImproveConfig, TrainConfig
 from overlay.flows import flows_app
 from overlay.probe import probe_app
+from overlay.tracks import TOP_K
 from overlay.variants import VariantConfig, VariantError, stellator
 
 
@@ -53,7 +54,7 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 REDIS_OPT = typer.Option(None, "--redis-url", envvar=store.ENV_URL, help="Redis URL; default: the embedded server.")
-TRACKS_OPT = typer.Option(5, "--tracks", help="GetTracks: retrieve this many tracks per question; the chooser's "
+TRACKS_OPT = typer.Option(TOP_K, "--tracks", help="GetTracks: retrieve this many tracks per question; the chooser's "
                           "track is followed (0: no track, the table and the selector alone).")
 # One rule for every command that reads a domain: --domain, else $OVERLAY_DOMAIN, else the quickstart's domain.
 # Only `table build` and `table drop`, which replace or delete a table, need the domain named.
@@ -446,7 +447,7 @@ def _train(**kwargs: Any) -> None:
 def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
           generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
           variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256,
-          adapter: Optional[str] = None, samples: int = 1, tracks: int = 5) -> None:
+          adapter: Optional[str] = None, samples: int = 1, tracks: int = TOP_K) -> None:
     """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
     the overlay, the full-context peer and the table alone, and vote over ``samples`` overlay chains per question."""
     from overlay.evaluate import evaluate, write_report

@@ -24,6 +24,7 @@ from overlay.chains import ANSWER, BOS, EOS, PAD, Q, RESULT, SPECIAL_TOKENS, STE
 from overlay.router import Router
 from overlay.table import SemanticTable
 from overlay.tokenizer import decode, encode
+from overlay.tracks import TOP_K
 
 IDS = {tag: i for i, tag in enumerate(SPECIAL_TOKENS)}
 BOS_ID = IDS[BOS]
@@ -51,7 +52,7 @@ class DecodeConfig:
     max_question_chars: int = 2000
     session_ttl_s: int = 3600
     save_every: int = 64
-    tracks: int = 5
+    tracks: int = TOP_K
     track_weight: float = 10.0
 
     def __post_init__(self) -> None:

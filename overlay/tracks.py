@@ -321,7 +321,21 @@ class Chooser:
     weights: list[float]
     threshold: float = 0.5
 
+    def spec(self) -> dict[str, Any]:
+        """What the table stores: the weights with the feature names they belong to."""
+        return {"weights": self.weights, "threshold": self.threshold, "features": list(FEATURES)}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Chooser:
+        """The stored chooser, or DEFAULT_CHOOSER when none is stored or it was fitted on other features (a version
+        written by an older release): weights are only meaningful with the features they were fitted on."""
+        weights = spec.get("weights")
+        if not weights or list(spec.get("features", ())) != list(FEATURES) or len(weights) != len(FEATURES):
+            return DEFAULT_CHOOSER
+        return cls([float(w) for w in weights], float(spec.get("threshold", REFUSE_BELOW)))
+
     def score(self, found: list[Retrieved]) -> None:
+        """Fill each retrieved track's ``p``."""
         for r in found:
             r.p = _sigmoid(sum(w * f for w, f in zip(self.weights, r.features)))
 
@@ -449,8 +463,8 @@ def fit_chooser(tracks: Sequence[Track], index: Index, idf_of: Mapping[str, floa
 # The memory in Redis
 # ---------------------------------------------------------------------------------------------------------------
 
-def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, shards: int = SHARDS, k: int = 5,
-                 fit_questions: int = 600, batch: int = 2000) -> dict[str, Any]:
+def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, shards: int = SHARDS, k: int = TOP_K,
+                 fit_questions: int = 1000, batch: int = 2000) -> dict[str, Any]:
     """Write tracks, their BM25 postings, the word idf and the fitted chooser into ``version`` (not activated here:
     the caller marks the version complete and moves the pointer). Returns the meta fields to record."""
     check_domain(domain)
@@ -472,7 +486,7 @@ def write_tracks(client, domain: str, version: int, tracks: Sequence[Track], *, 
         pipe.hset(_df_key(domain, version), mapping=dict(df_items[i:i + batch]))
     pipe.execute()
     return {"tracks": len(tracks), "track_shards": shards, "track_families": len({t.family for t in tracks}),
-            "track_chooser": json.dumps({"weights": chooser.weights, "threshold": chooser.threshold} | fitted)}
+            "track_chooser": json.dumps(chooser.spec() | fitted)}
 
 
 def carry_tracks(client, domain: str, base: int, version: int, new: Sequence[Track], batch: int = 1000) -> dict[str, Any]:
@@ -530,8 +544,7 @@ class TrackMemory:
                              f"`overlay table build` (tracks are stored with the table since this release)")
         self.count, self.shards = int(meta["tracks"]), int(meta.get("track_shards", SHARDS))
         self.meta = meta
-        spec = json.loads(meta.get("track_chooser") or "{}")
-        self.chooser = Chooser(spec["weights"], spec.get("threshold", 0.5)) if spec.get("weights") else DEFAULT_CHOOSER
+        self.chooser = Chooser.from_spec(json.loads(meta.get("track_chooser") or "{}"))
         self.df = {_text(t): int(c) for t, c in client.hgetall(_df_key(domain, self.version)).items()}
         self.idf = {t: idf(c, self.count) for t, c in self.df.items() if "_" not in t}
         self._sha_ok = False
@@ -542,8 +555,9 @@ class TrackMemory:
             self._sha_ok = True
         return TRACKS_SHA
 
-    def search(self, question: str, k: int = 5) -> list[tuple[Track, float]]:
-        """Top-k (track, similarity 0..1) for a question: one pipelined round trip, one script call per shard."""
+    def search(self, question: str, k: int = TOP_K) -> list[tuple[Track, float]]:
+        """Top-k (track, similarity: BM25 over the question's own best score, 1 ≈ all its words; a short track can
+        score above 1) for a question: one pipelined round trip, one script call per shard."""
         if not isinstance(question, str) or not question.strip():
             raise TrackError("GetTracks needs a non-empty question")
         wanted = query_terms(question, self.df, self.count)
@@ -574,14 +588,14 @@ class TrackMemory:
         hits.sort(key=lambda h: (-h[1], h[0].id))
         return hits[:k]
 
-    def get_tracks(self, question: str, k: int = 5) -> list[Retrieved]:
+    def get_tracks(self, question: str, k: int = TOP_K) -> list[Retrieved]:
         """GetTracks: the top-k tracks for a question, bound to its numbers, followed with the calculator and scored
         by the chooser."""
         found = retrieved(question, self.search(question, k), self.idf)
         self.chooser.score(found)
         return found
 
-    def choose(self, question: str, k: int = 5) -> tuple[Retrieved | None, list[Retrieved]]:
+    def choose(self, question: str, k: int = TOP_K) -> tuple[Retrieved | None, list[Retrieved]]:
         """(the track to follow, or None when every retrieved track is refused; all retrieved tracks)."""
         found = self.get_tracks(question, k)
         return self.chooser.choose(found), found

@@ -3,13 +3,16 @@ the chooser's refusals, and decoding that follows a retrieved track."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from overlay.chains import answers_match, load_chains
 from overlay.generation import track_only
 from overlay.table import SemanticTable, build_table, drop_table
 from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
-from overlay.tracks import TrackError, TrackMemory, make_tracks, open_tracks, write_tracks
+from overlay.tracks import (DEFAULT_CHOOSER, FEATURES, Chooser, TrackError, TrackMemory, make_tracks, open_tracks,
+                            write_tracks)
 from overlay.variants import HELDOUT_VARIANTS, generate_variants, library_from_gsm8k
 
 from conftest import EXAMPLES
@@ -161,3 +164,11 @@ def test_a_learned_chain_becomes_a_track_of_the_next_version(redis_client, sampl
     new = TrackMemory(redis_client, "gsm8k", after)
     assert new.count == old.count + 10 and TrackMemory(redis_client, "gsm8k", before).count == old.count
     assert right(new) >= 0.8 * len(learned)
+
+
+def test_a_chooser_fitted_on_other_features_is_not_applied_to_these():
+    fitted = Chooser([0.1] * len(FEATURES), 0.3)
+    assert Chooser.from_spec(json.loads(json.dumps(fitted.spec()))) == fitted
+    assert Chooser.from_spec({"weights": [1.0] * 12, "threshold": 0.5}) is DEFAULT_CHOOSER  # an older release's
+    assert Chooser.from_spec({"weights": [0.1] * len(FEATURES), "features": list(FEATURES)[::-1]}) is DEFAULT_CHOOSER
+    assert Chooser.from_spec({}) is DEFAULT_CHOOSER

@@ -33,7 +33,7 @@ class GetTracksComponent(Component):
             info="Table domain: pick one with a complete table (refresh to list them) or type one; empty uses "
             "$OVERLAY_DOMAIN.",
         ),
-        IntInput(name="k", display_name="Tracks (K)", value=5, info="How many tracks to retrieve."),
+        IntInput(name="k", display_name="Tracks (K)", value=10, info="How many tracks to retrieve."),
         IntInput(
             name="version",
             display_name="Table Version",
