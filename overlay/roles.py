@@ -363,7 +363,8 @@ def bindings(track: AbstractChain, question: str, idf: Mapping[str, float] | Non
     numbers = list(numbers) if numbers is not None else question_numbers(question)
     used = track.used
     people = names(question)
-    name_map = {i: people[i] for i in range(min(len(people), len(track.names)))}
+    # a name the question lacks keeps the track's own (a filled step never shows a bare {N3})
+    name_map = {i: people[i] if i < len(people) else name for i, name in enumerate(track.names)}
     if not used:
         return [Binding({}, 1.0, True, name_map)]
     if len(numbers) < len(used):
