@@ -733,7 +733,7 @@ def quickstart(
     right = round(variants["overlay"]["exact_match"] * variants["questions"])
     console.print(f"[bold]held-out variants answered right: {right} of {variants['questions']}[/] (overlay following "
                   f"the tracks; table alone {round(variants['table_only']['exact_match'] * variants['questions'])}"
-                  + (f", top-1 track alone {round(variants['track_only']['exact_match'] * variants['questions'])}"
+                  + (f", chosen track alone {round(variants['track_only']['exact_match'] * variants['questions'])}"
                      if "track_only" in variants else "") + ")")
 
     for ex in json.loads((report / "examples.json").read_text()):

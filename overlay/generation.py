@@ -20,7 +20,7 @@ from overlay.vote import VoteResult, check_samples, decode_voted, same_answer, s
 MEASURES = ("exact_match", "well_formed", "actions_executed", "checks_passed", "distinct_continuations",
             "mean_tokens", "ms_per_token")
 METHOD_NAMES = {"overlay": "overlay (question-aware selector)", "peer": "full-context peer (GPT-2)",
-                "table_only": "table only", "track_only": "track only (top-1 track, calculator, no selector)"}
+                "table_only": "table only", "track_only": "track only (the chooser's track, calculator, no selector)"}
 
 
 def continuation(result: DecodeResult) -> str:
@@ -125,10 +125,11 @@ def verification_success(table, model, tokenizer, chains: Sequence[Chain], confi
 
 
 def track_only(memory: TrackMemory, question: str) -> DecodeResult:
-    """The track-only baseline: the top-1 retrieved track followed with this question's numbers and the calculator,
-    no selector and no table; no track (or one that cannot be followed) gives no answer."""
+    """The track-only baseline: the chooser's track (of the top ``TOP_K``) followed with this question's numbers and
+    the calculator, no selector and no table; a refused question (or a track that cannot be followed) gives no answer."""
     start = time.perf_counter()
-    found = memory.get_tracks(question, 1)
+    best, _ = memory.choose(question)
+    found = [best] if best is not None else []
     steps = execute(found[0].track.chain, found[0].binding, question_numbers(question))[1] if found else []
     answer = steps[-1][1] if steps and steps[-1][0] == ANSWER else None
     text = f"{Q} {' '.join(question.split())} " + "".join(f"{tag} {body} " for tag, body in steps) + (EOS if answer else "")

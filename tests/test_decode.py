@@ -39,10 +39,12 @@ def decoder(parts, sessions=None, **config) -> OverlayDecoder:
     return OverlayDecoder(table, model, tok, DecodeConfig(**({"max_tokens": 60} | config)), sessions)
 
 
-def test_end_to_end_trace_is_consistent(parts):
+@pytest.mark.parametrize("tracks", [10, 0])
+def test_end_to_end_trace_is_consistent(parts, tracks):
     """Every chosen token is traceable: a table choice is its candidate at the chosen rank, a copy is a copy value
-    offered at that rank (its later digits marked "copy"), tool output is marked "tool"."""
-    result = decoder(parts).generate(QUESTIONS[0])
+    offered at that rank (its later digits marked "copy"), a track's token is offered like either, tool output is
+    marked "tool". Without a track the table and the selector choose."""
+    result = decoder(parts, tracks=tracks).generate(QUESTIONS[0])
     assert result.text.startswith("<Q> ")
     steps = result.trace["steps"]
     assert len(steps) == result.tokens > 0
@@ -62,7 +64,7 @@ def test_end_to_end_trace_is_consistent(parts):
         else:
             offered = step["copies"][step["chosen_rank"] - len(step["candidates"])]
             assert offered.startswith(step["source"] + ":") and offered.split(":")[1].startswith(step["token"])
-    assert "table" in sources
+    assert ("track" if tracks else "table") in sources and (tracks or "track" not in sources)
     for call in result.tool_calls:
         if call["ok"]:
             assert f"<RESULT> {call['output']}" in result.text
