@@ -232,11 +232,13 @@ def names(question: str) -> list[str]:
 class AbstractChain:
     """A chain with its numbers as roles: steps of (tag, text) where ``{Q3}`` is the question's third number,
     ``{R1}`` the first tool result and other numbers are constants; the question numbers' values and anchors,
-    and the names the chain uses ("{N1}")."""
+    and the names the chain uses ("{N1}"); ``coincidences``: how many of its roles were decided between numbers of
+    equal value (a result equal to a question number, a value the question repeats), where the role may be wrong."""
 
     steps: list[tuple[str, str]]
     numbers: list[QuestionNumber]
     names: list[str] = field(default_factory=list)
+    coincidences: int = 0
 
     @property
     def used(self) -> list[int]:
@@ -296,16 +298,20 @@ def abstract_chain(chain: Chain) -> AbstractChain:
     results: list[str] = []
     recent: dict[str, int] = {}  # value → question index chosen last in this step pair (THOUGHT then its ACTION)
     steps: list[tuple[str, str]] = []
+    coincidences = 0
 
     def role(text: str, m: re.Match, tag: str) -> str:
+        nonlocal coincidences
         value = number_value(m.group(1))
         if value is None:
             return m.group(0)
-        if value in results:
-            return "{R%d}" % (len(results) - results[::-1].index(value))
         options = by_value.get(value)
+        if value in results:
+            coincidences += bool(options) or results.count(value) > 1
+            return "{R%d}" % (len(results) - results[::-1].index(value))
         if not options:
             return m.group(0)
+        coincidences += len(options) > 1
         if len(options) > 1 and tag != ACTION:
             ctx = _context_words(text, m.start(), m.end())
             best = max(options, key=lambda i: (similarity(ctx, numbers[i].anchor), -i))
@@ -326,7 +332,7 @@ def abstract_chain(chain: Chain) -> AbstractChain:
         steps.append((step.tag, _name_roles(text, people)))
     answer = _CHAIN_NUMBER.sub(lambda m: role(chain.answer, m, ANSWER), chain.answer)
     steps.append((ANSWER, answer))
-    return AbstractChain(steps, numbers, people)
+    return AbstractChain(steps, numbers, people, coincidences)
 
 
 def _name_roles(text: str, people: Sequence[str]) -> str:

@@ -136,7 +136,15 @@ def make_tracks(chains: Sequence[Chain], families: Sequence[str] | None = None, 
         if answers_match(answer, chain.answer):
             out.append(track)
             seen.add(key)
-    return out
+    return _without_coincidences(out)
+
+
+def _without_coincidences(tracks: list[Track]) -> list[Track]:
+    """Drop a track whose roles were decided between numbers of equal value when its family has a track without such
+    a coincidence: variants of one problem that differ in form only there (a result that happened to equal a question
+    number) would otherwise tie in retrieval and answer differently; the family's clean form is the problem's."""
+    clean = {t.family for t in tracks if not t.chain.coincidences}
+    return [t for t in tracks if not t.chain.coincidences or t.family not in clean]
 
 
 def file_families(path: str | Path, chains: Sequence[Chain]) -> list[str]:

@@ -115,3 +115,17 @@ def test_abstract_chain_round_trip():
     again = AbstractChain.from_dict(track.to_dict())
     assert again.steps == track.steps and [n.value for n in again.numbers] == ["3", "12", "5"]
     assert isinstance(bind(again, TOM.question), Binding)
+
+
+def test_roles_decided_between_equal_values_are_counted_and_a_clean_family_form_wins():
+    from overlay.tracks import make_tracks
+
+    ann = chain("Ann has 2 bags with 3 pens each. Ben has 6 pens. Ann finds 4 more pens. How many pens does Ann have?",
+                "Ann has 2*3 = <<2*3=6>>6 pens.\nShe has 6+4 = <<6+4=10>>10 pens.\n#### 10")
+    clean = chain("Ann has 2 bags with 3 pens each. Ben has 7 pens. Ann finds 4 more pens. How many pens does Ann have?",
+                  "Ann has 2*3 = <<2*3=6>>6 pens.\nShe has 6+4 = <<6+4=10>>10 pens.\n#### 10")
+    assert abstract_chain(ann).coincidences > 0 and abstract_chain(clean).coincidences == 0
+    assert abstract_chain(TOM).coincidences == 0
+    kept = make_tracks([ann, clean], ["ann", "ann"])
+    assert [t.question for t in kept] == [clean.question]
+    assert len(make_tracks([ann], ["ann"])) == 1  # a family with no clean form keeps what it has
