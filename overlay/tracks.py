@@ -123,20 +123,20 @@ class Track:
 
 def make_tracks(chains: Sequence[Chain], families: Sequence[str] | None = None, prefix: str = "t") -> list[Track]:
     """Tracks of chains whose roles reproduce their own answer (the others cannot be followed and are left out) and
-    that no earlier chain repeats (the same masked question with the same role steps: a variant that changed only
-    numbers, a dataset's duplicate); ids are ``prefix`` and the chain's position."""
-    out, seen = [], set()
+    stored once per form (the same masked question with the same role steps: a variant that changed only numbers, a
+    dataset's duplicate; the copy with the fewest coincidences of values is kept); ids are ``prefix`` and the chain's
+    position."""
+    kept: dict[tuple, Track] = {}
     for i, chain in enumerate(chains):
         abstract = abstract_chain(chain)
         key = (masked_question(chain.question).lower(), tuple(abstract.steps))
-        if key in seen:
+        if key in kept and kept[key].chain.coincidences <= abstract.coincidences:
             continue
         track = Track(f"{prefix}{i}", families[i] if families else f"{prefix}{i}", chain.question, abstract, chain.answer)
         answer, _ = execute(abstract, Binding({k: k for k in range(len(abstract.numbers))}, 1.0, True), abstract.numbers)
         if answers_match(answer, chain.answer):
-            out.append(track)
-            seen.add(key)
-    return _without_coincidences(out)
+            kept[key] = track
+    return _without_coincidences(sorted(kept.values(), key=lambda t: int(t.id[len(prefix):])))
 
 
 def _without_coincidences(tracks: list[Track]) -> list[Track]:
