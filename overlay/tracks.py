@@ -593,13 +593,10 @@ class TrackMemory:
         if pipe is not None:
             replies = pipe.execute()
         norm = max_score(question, self.df, self.count)
-        hits = []
-        for reply in replies:
-            for i in range(0, len(reply), 3):
-                if reply[i + 2]:
-                    hits.append((Track.from_json(reply[i + 2]), float(reply[i + 1]) / norm))
-        hits.sort(key=lambda h: (-h[1], h[0].id))
-        return hits[:k]
+        raw = [(float(reply[i + 1]) / norm, _text(reply[i]), reply[i + 2])
+               for reply in replies for i in range(0, len(reply), 3) if reply[i + 2]]
+        raw.sort(key=lambda h: (-h[0], h[1]))
+        return [(Track.from_json(doc), score) for score, _, doc in raw[:k]]  # only the kept k are parsed
 
     def get_tracks(self, question: str, k: int = TOP_K) -> list[Retrieved]:
         """GetTracks: the top-k tracks for a question, bound to its numbers, followed with the calculator and scored
