@@ -15,10 +15,12 @@ from overlay.chains import ANSWER, EOS, Q, RESULT, Chain, answers_match
 from overlay.roles import execute, question_numbers
 from overlay.tracks import TrackMemory, open_tracks
 from overlay.decode import DecodeConfig, DecodeResult, OverlayDecoder
-from overlay.vote import VoteResult, check_samples, decode_voted, same_answer, sample_settings
+from overlay.vote import VoteResult, check_choice, check_samples, decode_voted, same_answer, sample_settings, vote
+from overlay.verifier import Verifier, auc
 
 MEASURES = ("exact_match", "well_formed", "actions_executed", "checks_passed", "distinct_continuations",
             "mean_tokens", "ms_per_token")
+LABELS = {"checks_passed": "checks consistent (CHECKs restate their own arithmetic)"}
 METHOD_NAMES = {"overlay": "overlay (question-aware selector)", "peer": "full-context peer (GPT-2)",
                 "table_only": "table only", "track_only": "track only (the chooser's track, calculator, no selector)"}
 
@@ -62,12 +64,13 @@ def decode_all(decoder: OverlayDecoder, questions: Sequence[str], chunk: int = 3
 
 
 def vote_all(decoder: OverlayDecoder, questions: Sequence[str], greedy: Sequence[DecodeResult], samples: int,
-             progress: bool = True) -> list[VoteResult]:
-    """Vote over ``samples`` chains per question, the greedy chain already decoded being chain 0."""
+             progress: bool = True, verifier: Verifier | None = None, choose: str = "vote") -> list[VoteResult]:
+    """Vote over ``samples`` chains per question, the greedy chain already decoded being chain 0 (scored by the
+    verifier when given, the answer chosen as ``choose`` says)."""
     bar = tqdm(total=len(questions), desc="vote", unit="q", disable=not progress or None)
     votes = []
     for question, first in zip(questions, greedy):
-        votes.append(decode_voted(decoder, question, samples, first=first)[1])
+        votes.append(decode_voted(decoder, question, samples, first=first, verifier=verifier, choose=choose)[1])
         bar.update(1)
     bar.close()
     return votes
@@ -75,27 +78,47 @@ def vote_all(decoder: OverlayDecoder, questions: Sequence[str], greedy: Sequence
 
 def vote_measures(votes: Sequence[VoteResult], greedy: Sequence[DecodeResult],
                   answers: Sequence[str]) -> dict[str, Any]:
-    """The vote beside greedy decoding: exact-match of each, how often the vote changed the greedy answer, how many
-    sampled chains passed their checks, how many questions had one that did, and the rule used per question."""
+    """The chosen answers beside greedy decoding: exact-match of the choice made, of greedy, of the plain vote and
+    (when a verifier scored the chains) of verifier best-of-N and the verifier-weighted vote over the same chains;
+    pass@N (any chain right: what a perfect chooser would get); how often the choice changed the greedy answer; how
+    many chains had consistent checks and how many the verifier accepted; its ranking of the chains (AUC)."""
     n = max(1, len(votes))
-    return {
+
+    def right(chosen: Sequence[str | None]) -> float:
+        return sum(answers_match(c, a) for c, a in zip(chosen, answers)) / n
+
+    out = {
         "samples": votes[0].samples if votes else 0,
-        "exact_match": sum(answers_match(v.answer, a) for v, a in zip(votes, answers)) / n,
-        "greedy_exact_match": sum(answers_match(g.answer, a) for g, a in zip(greedy, answers)) / n,
+        "exact_match": right([v.answer for v in votes]),
+        "greedy_exact_match": right([g.answer for g in greedy]),
+        "vote_exact_match": right([vote(v.results).answer for v in votes]),
+        "pass_at_n": sum(any(answers_match(r.answer, a) for r in v.results) for v, a in zip(votes, answers)) / n,
         "changed": sum(not same_answer(v.answer, g.answer) for v, g in zip(votes, greedy)) / n,
         "chains_passed": sum(v.passed for v in votes) / max(1, sum(v.samples for v in votes)),
-        "questions_passed": sum(v.rule == "checks" for v in votes) / n,
+        "questions_passed": sum(v.passed > 0 for v in votes) / n,
         "rules": dict(Counter(v.rule for v in votes)),
     }
+    if votes and votes[0].verifier:
+        labels = [answers_match(r.answer, a) for v, a in zip(votes, answers) for r in v.results]
+        checks = [r.trace["check"]["verified"] for v in votes for r in v.results]
+        out |= {"verifier_exact_match": right([vote(v.results, None, v.verifier, "verifier").answer for v in votes]),
+                "verifier_vote_exact_match": right([vote(v.results, None, v.verifier, "verifier-vote").answer
+                                                    for v in votes]),
+                "verifier_auc": auc([p for v in votes for p in v.verifier], labels),
+                "chains_verified": sum(checks) / max(1, len(checks)),
+                "verified_right": sum(c and y for c, y in zip(checks, labels)) / max(1, sum(checks))}
+    return out
 
 
 def verification_success(table, model, tokenizer, chains: Sequence[Chain], config: DecodeConfig | None = None,
                          peer=None, progress: bool = False, keep: int = 0, adapter: str = "",
-                         samples: int = 1) -> dict[str, Any]:
+                         samples: int = 1, verifier: Verifier | None = None, choose: str = "vote") -> dict[str, Any]:
     """Decode the chains' questions with the overlay (with ``adapter`` when given), the peer (when given) and the
     table alone; report the measures of each, measured in the same run, and the first ``keep`` results of each.
-    With ``samples`` > 1, also vote over that many overlay chains per question (``vote``, beside greedy)."""
+    With ``samples`` > 1, also decode that many overlay chains per question and choose an answer (``vote``: as
+    ``choose`` says, scored by ``verifier`` when given), reported beside greedy with pass@N."""
     check_samples(samples)
+    check_choice(choose, verifier)
     out: dict[str, Any] = {"questions": len(chains), "adapter": adapter or None}
     memory = open_tracks(table)
     methods = {"overlay": model, "peer": peer, "table_only": None, "track_only": memory}
@@ -114,10 +137,12 @@ def verification_success(table, model, tokenizer, chains: Sequence[Chain], confi
             out[name]["examples"] = [r.to_dict() | {"expected": c.answer} for r, c in zip(results[:keep], chains)]
         if name == "overlay" and samples > 1:
             start = time.perf_counter()
-            votes = vote_all(decoder, [c.question for c in chains], results, samples, progress)
+            votes = vote_all(decoder, [c.question for c in chains], results, samples, progress, verifier, choose)
             temperature, top_p, _ = sample_settings(decoder.config, samples)[1]
             out["vote"] = vote_measures(votes, results, [c.answer for c in chains]) | {
-                "temperature": temperature, "top_p": top_p, "seconds": time.perf_counter() - start}
+                "choose": choose, "temperature": temperature, "top_p": top_p, "seconds": time.perf_counter() - start}
+            if verifier is not None:
+                out["vote"]["verifier_ms_per_chain"] = verifier_cost(verifier, votes)
             if keep:
                 out["vote"]["examples"] = [v.to_dict() | {"chain": v.chain.text, "expected": c.answer}
                                            for v, c in zip(votes[:keep], chains)]
@@ -146,7 +171,8 @@ def generation_markdown(gen: dict[str, Any], title: str = "Chains decoded end to
              + " |", "|---|" + "---|" * len(methods)]
     for measure in MEASURES:
         fmt = "{:.1f}" if measure in ("mean_tokens", "ms_per_token") else "{:.3f}"
-        lines.append(f"| {measure} | " + " | ".join(fmt.format(gen[m][measure]) for m in methods) + " |")
+        lines.append(f"| {LABELS.get(measure, measure)} | " + " | ".join(fmt.format(gen[m][measure]) for m in methods)
+                     + " |")
     lines.append("| stop reasons | " + " | ".join(
         ", ".join(f"{k} {v}" for k, v in sorted(gen[m]["stop_reasons"].items())) for m in methods) + " |")
     if "vote" in gen:
@@ -154,15 +180,39 @@ def generation_markdown(gen: dict[str, Any], title: str = "Chains decoded end to
     return "\n".join(lines) + "\n"
 
 
+def verifier_cost(verifier: Verifier, votes: Sequence[VoteResult]) -> float:
+    """Milliseconds the verifier takes to score one chain among its question's others (measured again here)."""
+    start = time.perf_counter()
+    for v in votes:
+        verifier.score_group(v.results)
+    return 1000 * (time.perf_counter() - start) / max(1, sum(v.samples for v in votes))
+
+
 def vote_markdown(vote: dict[str, Any]) -> list[str]:
-    """The vote's measures beside greedy decoding, as Markdown lines."""
-    rows = {"exact_match, greedy": vote["greedy_exact_match"], "exact_match, vote": vote["exact_match"],
-            "vote changed the greedy answer": vote["changed"], "chains passing their checks": vote["chains_passed"],
-            "questions with a passing chain": vote["questions_passed"]}
+    """The chosen answers' measures beside greedy decoding and pass@N, as Markdown lines."""
+    n = vote["samples"]
+    rows = {"exact_match, greedy (pass@1)": vote["greedy_exact_match"],
+            f"exact_match, vote@{n}": vote.get("vote_exact_match", vote["exact_match"])}
+    if "verifier_exact_match" in vote:
+        rows |= {f"exact_match, verifier best-of-{n}": vote["verifier_exact_match"],
+                 f"exact_match, verifier-weighted vote@{n}": vote["verifier_vote_exact_match"]}
+    if "pass_at_n" in vote:
+        rows[f"pass@{n} (any chain right)"] = vote["pass_at_n"]
+    rows |= {f"answer chosen by --choose {vote.get('choose', 'vote')} changed the greedy answer": vote["changed"],
+             "chains with consistent checks": vote["chains_passed"],
+             "questions with a chain whose checks are consistent": vote["questions_passed"]}
+    if "verifier_exact_match" in vote:
+        rows |= {"chains verified (consistent checks, verifier accepts)": vote["chains_verified"],
+                 "verified chains that are right": vote["verified_right"]}
+    lines = [f"\n### Answer choice ({n} overlay chains per question: chain 0 as decoded above, the others at "
+             f"temperature {vote['temperature']:g}, top-p {vote['top_p']:g})\n", "| measure | value |", "|---|---|",
+             *(f"| {name} | {value:.3f} |" for name, value in rows.items())]
+    if "verifier_exact_match" in vote:
+        shown = "n/a" if vote["verifier_auc"] is None else f"{vote['verifier_auc']:.3f}"
+        lines += [f"| verifier AUC over these chains | {shown} |",
+                  f"| verifier ms per chain | {vote['verifier_ms_per_chain']:.3f} |"]
     rules = ", ".join(f"{k} {v}" for k, v in sorted(vote["rules"].items()))
-    return [f"\n### Answer voting ({vote['samples']} overlay chains per question: chain 0 as decoded above, the others "
-            f"at temperature {vote['temperature']:g}, top-p {vote['top_p']:g})\n", "| measure | value |", "|---|---|",
-            *(f"| {name} | {value:.3f} |" for name, value in rows.items()), f"| rule used (questions) | {rules} |"]
+    return lines + [f"| rule used (questions) | {rules} |"]
 
 
 def heldout_variants(train_file: str, tracks: int, seed: int = 0) -> list[Chain]:

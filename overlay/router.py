@@ -1,5 +1,9 @@
 """Tag router: splits a reasoning stream into steps and acts on them (ACTION → tool, CHECK → verify).
 
+A CHECK step's verdict says whether its arithmetic is *consistent* (the calculator confirms the claim), which a wrong
+chain passes as easily as a right one; ``ChainCheck`` joins a finished chain's CHECK verdicts with a verifier's
+probability that its answer is right (``overlay.verifier``), and only that makes a chain *verified*.
+
 Step tags are the special tokens `<Q> <THOUGHT> <ACTION> <RESULT> <CHECK> <ANSWER> <EOS>`;
 `<BOS>` and `<PAD>` are markers that never start a step and are dropped from step text;
 `<UNK>` and any other `<TAG>`-looking token are kept as ordinary text. Tags are reported by
@@ -11,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from overlay.tools import ToolError, ToolMap, ToolResult, evaluate, format_number, run_tool_call
 
@@ -51,6 +55,55 @@ class Verdict:
     claim: str
     verdict: str
     reason: str
+
+
+@dataclass
+class ChainCheck:
+    """A finished chain's CHECKs taken together: how many CHECK steps it made and how many were consistent, and, when
+    a verifier read the chain, its probability ``p`` that the answer is right. Verified means both: consistent
+    CHECKs and the verifier's p at least ``threshold``; a chain the verifier rejects is never verified."""
+
+    checks: int
+    consistent: int
+    p: float | None = None
+    threshold: float = 0.5
+
+    @property
+    def all_consistent(self) -> bool:
+        """True when the chain made at least one CHECK and every one was consistent."""
+        return self.checks > 0 and self.consistent == self.checks
+
+    @property
+    def rejected(self) -> bool:
+        """True when a verifier read the chain and scored it below its threshold."""
+        return self.p is not None and self.p < self.threshold
+
+    @property
+    def verified(self) -> bool:
+        """True when the CHECKs are consistent and a verifier accepts the answer."""
+        return self.all_consistent and self.p is not None and not self.rejected
+
+    def line(self) -> str:
+        """What to show beside the answer: the verifier's score and verdict, then any inconsistent CHECKs."""
+        parts = [] if self.p is None else [f"verifier {self.p:.2f}: likely {'wrong' if self.rejected else 'right'}"]
+        failed = self.checks - self.consistent
+        if failed:
+            parts.append("its check failed" if self.checks == 1 else f"{failed} of its {self.checks} checks failed")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, with the derived verdicts spelled out for a reader of the trace."""
+        return asdict(self) | {"all_consistent": self.all_consistent, "verified": self.verified}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChainCheck:
+        """Rebuild from ``to_dict()`` output (derived fields ignored)."""
+        return cls(int(data["checks"]), int(data["consistent"]), data.get("p"), float(data.get("threshold", 0.5)))
+
+    @classmethod
+    def of(cls, verdicts: Sequence[Mapping[str, str]], p: float | None = None, threshold: float = 0.5) -> ChainCheck:
+        """The check of a chain from its CHECK verdicts (``DecodeResult.verdicts``) and a verifier's p, if any."""
+        return cls(len(verdicts), sum(v["verdict"] == "pass" for v in verdicts), p, threshold)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def test_with_no_passing_chain_the_majority_of_all_answers_decides_and_says_so()
     assert result.rule == "answers" and result.passed == 0
     assert result.counts == {"72.0": 3, "9": 1}  # compared as numbers; each answer spelled as its best chain spells it
     assert result.answer == "72.0" and result.chosen == 3
-    assert RULES["answers"] in result.summary() and "0 of 5 passed their checks" in result.summary()
+    assert RULES["answers"] in result.summary() and "0 of 5 had consistent checks" in result.summary()
 
 
 def test_with_no_answer_at_all_the_first_chain_stands():
@@ -159,8 +159,9 @@ def test_the_evaluation_reports_the_vote_beside_greedy(parts):
     assert sum(vote_gen["rules"].values()) == 2 and 0 <= vote_gen["chains_passed"] <= 1
     assert vote_gen["examples"][0]["samples"] == 3 and vote_gen["examples"][0]["expected"] == CHAINS[0].answer
     markdown = generation_markdown(gen)
-    assert "### Answer voting (3 overlay chains per question" in markdown
-    assert f"| exact_match, vote | {vote_gen['exact_match']:.3f} |" in markdown
+    assert "### Answer choice (3 overlay chains per question" in markdown
+    assert f"| exact_match, vote@3 | {vote_gen['exact_match']:.3f} |" in markdown
+    assert f"| pass@3 (any chain right) | {vote_gen['pass_at_n']:.3f} |" in markdown
     assert "vote" not in verification_success(table, model, tok, CHAINS[:1], DecodeConfig(max_tokens=20))
 
 
