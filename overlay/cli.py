@@ -26,6 +26,7 @@ from overlay.flows import flows_app
 from overlay.probe import probe_app
 from overlay.tracks import TOP_K
 from overlay.variants import VariantConfig, VariantError, stellator
+from overlay.verifier import VerifierConfig
 
 
 class StoreGuard(TyperGroup):
@@ -444,25 +445,12 @@ def _train(**kwargs: Any) -> None:
     )
 
 
-def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
-          generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
-          variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256,
-          adapter: Optional[str] = None, samples: int = 1, tracks: int = TOP_K) -> None:
-    """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
-    the overlay, the full-context peer and the table alone, and vote over ``samples`` overlay chains per question."""
-    from overlay.evaluate import evaluate, write_report
-    from overlay.generation import generation_markdown, heldout_variants, verification_success
-    from overlay.selector import load_selector
-    from overlay.vote import check_samples
-
+def load_selector_or_fail(model: Path, domain: str, adapter: Optional[str]) -> tuple[Any, Any, str]:
+    """(selector, tokenizer, adapter name) of a model folder, with the domain's adapter unless told otherwise
+    (``--adapter none``: the base alone), or exit with one line."""
     from overlay.decode import adapter_for
+    from overlay.selector import load_selector
 
-    try:
-        check_samples(samples)
-    except ValueError as exc:
-        fail(f"--{exc}")
-    if samples > 1 and not (generate or variants):
-        fail("--samples votes over decoded chains: give --generate N or --variants N too")
     adapter = adapter_for(model, domain) if adapter is None else ("" if adapter == "none" else adapter)
     try:
         selector, tok = load_selector(model)
@@ -470,6 +458,53 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
             from overlay.train import load_adapters
 
             selector = load_adapters(model, [adapter])
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    return selector, tok, adapter
+
+
+def verifier_or_fail(model: Path, path: Optional[Path], choose: str, samples: int):
+    """The verifier for --choose: the one given by --verifier, else the model folder's own (None when it has none
+    and the choice does not need one); exits with one line when it is missing, broken or cannot be used."""
+    from overlay.verifier import Verifier, VerifierError, find_verifier, verifier_dir
+    from overlay.vote import CHOICES
+
+    if choose not in CHOICES:
+        fail(f"--choose must be one of {', '.join(CHOICES)}, got {choose!r}")
+    if choose != "vote" and samples < 2:
+        fail(f"--choose {choose} picks one of several chains: give --samples N (N ≥ 2) too")
+    try:
+        verifier = Verifier.load(path) if path is not None else find_verifier(model)
+    except VerifierError as exc:
+        fail(str(exc))
+    if verifier is None and choose != "vote":
+        fail(f"--choose {choose} needs a verifier and {verifier_dir(model)} has none: train one with `overlay verifier "
+             f"train --model {model} --data <training file>` or give --verifier")
+    return verifier
+
+
+def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidates: int, limit: Optional[int],
+          generate: int, redis_url: Optional[str], fields: dict[str, Any], peer: Optional[Path] = None,
+          variants: int = 0, variants_data: Optional[Path] = None, max_tokens: int = 256,
+          adapter: Optional[str] = None, samples: int = 1, tracks: int = TOP_K, choose: str = "vote",
+          verifier_path: Optional[Path] = None) -> None:
+    """Evaluate next-token accuracy on held-out chains; optionally decode N questions (and held-out variants) with
+    the overlay, the full-context peer and the table alone, and choose among ``samples`` overlay chains per question
+    (vote, verifier best-of-N or verifier-weighted vote; pass@N beside)."""
+    from overlay.evaluate import evaluate, write_report
+    from overlay.generation import generation_markdown, heldout_variants, verification_success
+    from overlay.selector import load_selector
+    from overlay.vote import check_samples
+
+    try:
+        check_samples(samples)
+    except ValueError as exc:
+        fail(f"--{exc}")
+    if samples > 1 and not (generate or variants):
+        fail("--samples votes over decoded chains: give --generate N or --variants N too")
+    verifier = verifier_or_fail(model, verifier_path, choose, samples) if samples > 1 or choose != "vote" else None
+    selector, tok, adapter = load_selector_or_fail(model, domain, adapter)
+    try:
         peer_model = load_selector(peer)[0] if peer else None
     except (ValueError, OSError) as exc:
         fail(str(exc))
@@ -489,12 +524,13 @@ def _eval(model: Path, data: Path, fmt: str, domain: str, out: Path, k_candidate
     if generate:
         results["generation"] = verification_success(table, selector, tok, report.chains[:generate], config,
                                                      peer=peer_model, progress=True, keep=5, adapter=adapter,
-                                                     samples=samples)
+                                                     samples=samples, verifier=verifier, choose=choose)
         markdown += generation_markdown(results["generation"], f"Chains decoded end to end, {data.name}")
     if variants:
         chains = heldout_variants(str(variants_data or data), variants)
         results["variants"] = verification_success(table, selector, tok, chains, config, peer=peer_model,
-                                                   progress=True, keep=5, adapter=adapter, samples=samples)
+                                                   progress=True, keep=5, adapter=adapter, samples=samples,
+                                                   verifier=verifier, choose=choose)
         markdown += generation_markdown(results["variants"], f"Held-out variants of the first {variants} records")
     paths = write_report(results, out)
     if markdown:
@@ -592,8 +628,14 @@ def eval_command(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Token limit per decoded chain."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter of the model folder to use "
                                           "(default: the domain's, when the folder has one; 'none': the base alone)."),
-    samples: int = typer.Option(1, "--samples", help="Also vote over N overlay chains per decoded question (chain 0 "
-                                "greedy, the others sampled) and report the vote beside greedy; 1: no vote."),
+    samples: int = typer.Option(1, "--samples", help="Also decode N overlay chains per question (chain 0 greedy, the "
+                                "others sampled), choose an answer among them (--choose) and report it beside greedy, "
+                                "the plain vote and pass@N; 1: greedy alone."),
+    choose: str = typer.Option("vote", "--choose", help="How --samples chooses the answer: vote (majority of chains with "
+                               "consistent checks), verifier (the chain the verifier scores highest: best-of-N) or "
+                               "verifier-vote (answers weighted by verifier score)."),
+    verifier: Optional[Path] = typer.Option(None, "--verifier", help="Verifier folder (default: the model folder's "
+                                            "verifier/, when it has one; then every choice is reported)."),
     tracks: int = TRACKS_OPT,
     question_field: Optional[list[str]] = FIELD_OPTS["question_field"][1],
     steps_field: str = FIELD_OPTS["steps_field"][1],
@@ -604,7 +646,65 @@ def eval_command(
     """Evaluate a selector against the table-only and full-vocabulary baselines on held-out chains."""
     _eval(model, data, fmt, domain, out, k_candidates, limit, generate, redis_url,
           field_map(question_field, steps_field, answer_field, equation_field), peer, variants, variants_data, max_tokens,
-          adapter, samples, tracks)
+          adapter, samples, tracks, choose, verifier)
+
+
+def _verifier_train(model: Path, data: Path, fmt: str, domain: str, out: Optional[Path], limit: Optional[int],
+                    adapter: Optional[str], tracks: int, redis_url: Optional[str], question_field: Optional[list[str]],
+                    steps_field: str, answer_field: str, equation_field: str, **config: Any) -> None:
+    """Train the chain verifier: decode N chains per training question with the selector (each question routed
+    without its own track), label them by the gold answer, fit, and save it beside the selector (MODEL/verifier);
+    prints its ranking of held-out chains (AUC) and its cost per chain."""
+    import torch
+
+    from overlay.decode import DecodeConfig, OverlayDecoder
+    from overlay.tracks import open_tracks
+    from overlay.verifier import VerifierError, train_verifier, verifier_dir
+
+    try:
+        cfg = VerifierConfig(**config)
+        decode_config = DecodeConfig(max_tokens=cfg.max_tokens, tracks=tracks)
+    except ValueError as exc:
+        fail(str(exc))
+    torch.set_num_threads(cfg.threads)
+    chains = load_or_fail(data, fmt, field_map(question_field, steps_field, answer_field, equation_field), limit).chains
+    selector, tok, adapter = load_selector_or_fail(model, domain, adapter)
+    table = open_table(client_or_fail(redis_url), domain)
+    decoder = OverlayDecoder(table, selector, tok, decode_config, adapter=adapter, tracks=open_tracks(table))
+    try:
+        verifier = train_verifier(decoder, chains, cfg, progress=True)
+    except VerifierError as exc:
+        fail(str(exc))
+    verifier.info |= {"model": str(model), "adapter": adapter or None, "domain": domain,
+                      "table_version": table.version, "data": str(data)}
+    folder = verifier.save(out or verifier_dir(model))
+    info = verifier.info
+
+    def shown(key: str, fmt: str = "{:.3f}") -> str:
+        return "n/a" if info.get(key) is None else fmt.format(info[key])
+
+    console.print(f"[green]verifier[/] {folder}: {info['chains']} chains of {info['questions']} questions "
+                  f"({info['right']} right; greedy {info['greedy']:.3f}, pass@{cfg.samples} {info['pass_at_n']:.3f}), "
+                  f"decoded in {info['decode_seconds']:.1f} s")
+    console.print(f"held out: {info['held_out_chains']} chains of {info['held_out_questions']} questions "
+                  f"({info['held_out_right']} right): AUC {shown('auc_peers')} among samples, {shown('auc_alone')} "
+                  f"alone; accuracy at {cfg.threshold:g}: {shown('accuracy_peers')} / {shown('accuracy_alone')}")
+    console.print(f"cost: {shown('ms_per_chain_peers', '{:.3f}')} ms per chain, "
+                  f"{shown('cost_share_of_decode', '{:.2%}')} of decoding it ({shown('decode_ms_per_chain', '{:.1f}')} ms)")
+
+
+verifier_app = typer.Typer(help="The chain verifier: scores whether a decoded chain's answer is right.",
+                           no_args_is_help=True)
+app.add_typer(verifier_app, name="verifier")
+dataclass_command(verifier_app, "train", VerifierConfig, _verifier_train,
+                  {"model": (Path, typer.Option(..., "--model", help="Selector model folder.")),
+                   "data": DATA_OPT, "fmt": FMT_OPT, "domain": DOMAIN_OPT,
+                   "out": (Optional[Path], typer.Option(None, "--out", help="Verifier folder to write (default: "
+                                                        "MODEL/verifier, where eval and the nodes look).")),
+                   "limit": LIMIT_OPT,
+                   "adapter": (Optional[str], typer.Option(None, "--adapter", help="LoRA adapter of the model folder "
+                                                           "(default: the domain's; 'none': the base alone).")),
+                   "tracks": (int, TRACKS_OPT), "redis_url": URL_OPT, **FIELD_OPTS})
 
 
 TAG_STYLE = {"<THOUGHT>": "bold cyan", "<ACTION>": "bold yellow", "<RESULT>": "bold green", "<CHECK>": "bold magenta",

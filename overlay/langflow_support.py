@@ -27,7 +27,7 @@ import redis
 from overlay import store
 from overlay import table as tbl
 from overlay.accumulator import ScoreAccumulator, SessionStore, TraceStep
-from overlay.router import parse_steps, verify_check
+from overlay.router import ChainCheck, parse_steps, verify_check
 from overlay.tools import calc, run_tool_call
 
 ENV_DOMAIN = "OVERLAY_DOMAIN"
@@ -48,6 +48,7 @@ _load_locks: dict[str, threading.Lock] = {}
 _selectors: dict[str, LoadedSelector] = {}
 _decoders: OrderedDict[tuple, Any] = OrderedDict()
 _decoder_locks: dict[tuple[str, str], threading.Lock] = {}
+_verifiers: dict[str, tuple[tuple, Any]] = {}
 
 
 class NodeError(ValueError):
@@ -592,12 +593,12 @@ def step_line(tag: str, text: str, previous: str, verdict: Mapping[str, str] | N
 
 
 def chat_text(result: Any) -> str:
-    """A decoded chain as Markdown for a chat window: the answer first (saying when its checks failed), then one line
-    per step with its tag shown (a Markdown chat takes a bare `<THOUGHT>` for HTML and `*` for emphasis), tool results
-    and CHECK verdicts marked."""
-    failed = sum(v["verdict"] == "fail" for v in result.verdicts)
-    checked = "" if not failed else " — its check failed" if len(result.verdicts) == 1 else \
-        f" — {failed} of its {len(result.verdicts)} checks failed"
+    """A decoded chain as Markdown for a chat window: the answer first (with the verifier's verdict when one read the
+    chain, and saying when its checks failed), then one line per step with its tag shown (a Markdown chat takes a bare
+    `<THOUGHT>` for HTML and `*` for emphasis), tool results and CHECK verdicts marked."""
+    recorded = result.trace.get("check")
+    line = (ChainCheck.from_dict(recorded) if recorded else ChainCheck.of(result.verdicts)).line()
+    checked = f" — {md_escape(line)}" if line else ""
     answer = f"**Answer: {md_escape(result.answer)}{checked}**" if result.answer is not None else "**No answer**"
     lines = [answer, ""]
     verdicts = iter(result.verdicts)
@@ -705,13 +706,33 @@ def vote_chat(vote: Any) -> str:
     return "\n".join(lines + ["", f"**Chosen chain ({vote.chosen})**", "", chat_text(vote.chain)])
 
 
+def node_verifier(model_dir: str) -> Any:
+    """The verifier saved beside a selector folder (``<model>/verifier``), loaded once per process and again when its
+    files change; None when the folder has none."""
+    from overlay.verifier import Verifier, verifier_dir
+
+    folder = verifier_dir(Path(model_dir).expanduser().resolve())
+    if not folder.exists():
+        return None
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
+    with _cache_lock:
+        found = _verifiers.get(str(folder))
+    if found is not None and found[0] == stamp:
+        return found[1]
+    verifier = Verifier.load(folder)
+    with _cache_lock:
+        _verifiers[str(folder)] = (stamp, verifier)
+    return verifier
+
+
 def decode_question(question: str | None, table: Any, selector: Any, accumulator: Any, router: Any,
                     chain_id: str | None, max_question_chars: int = 2000, samples: int = 1) -> Decoded:
     """Run the decoder for one question with the wired nodes' settings; the chain, its trace and a status line.
 
     With a chain id the chain's state is kept in Redis, so a chain cut by the token limit continues on the
     next call with the same id. With ``samples`` > 1 it decodes that many chains and answers by vote
-    (``overlay.vote``): the chat shows the vote and the chosen chain, the trace carries the vote.
+    (``overlay.vote``): the chat shows the vote and the chosen chain, the trace carries the vote. When the selector
+    folder has a verifier, every chain's check records its verdict and the chat shows it beside the answer.
     """
     from overlay.vote import check_samples, decode_voted
 
@@ -721,14 +742,19 @@ def decode_question(question: str | None, table: Any, selector: Any, accumulator
         raise NodeError("a Chain ID continues one chain: clear it or set Samples to 1")
     args = decode_settings(table, selector, accumulator, router, max_question_chars)
     decoder, lock = node_decoder(args["domain"], args["model_dir"], args["redis_url"], args["config"])
+    verifier = node_verifier(args["model_dir"])
     with lock:
         if samples > 1:
-            result, vote = decode_voted(decoder, question or "", samples)
+            result, vote = decode_voted(decoder, question or "", samples, verifier=verifier)
         else:
             result, vote = decoder.generate(question or "", sid), None
+            if verifier is not None:
+                verifier.check([result])
     payload = jsonable(result.to_dict() | ({"vote": vote.to_dict()} if vote else {}))
     status = (f"{result.tokens} tokens in {result.seconds:.2f} s, stop: {result.stop_reason}, "
               f"answer: {result.answer if result.answer is not None else 'none'}")
+    if result.trace.get("check", {}).get("p") is not None:
+        status += f" ({ChainCheck.from_dict(result.trace['check']).line()})"
     if vote is not None:
         status = f"{vote.summary()}; chosen chain: {status}"
     chat = vote_chat(vote) if vote is not None else chat_text(result)

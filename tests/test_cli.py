@@ -60,6 +60,18 @@ def test_table_commands(home):
      "--samples must be between 1 and 64"),
     (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--samples", "2"],
      "give --generate N or --variants N too"),
+    (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--generate", "1", "--samples", "2",
+      "--choose", "best"], "--choose must be one of vote, verifier, verifier-vote"),
+    (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--generate", "1", "--choose",
+      "verifier"], "--choose verifier picks one of several chains: give --samples N"),
+    (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--generate", "1", "--samples", "2",
+      "--choose", "verifier"], "--choose verifier needs a verifier and m/verifier has none"),
+    (["eval", "--model", "m", "--data", str(EXAMPLES / "gsm8k_test_sample.jsonl"), "--generate", "1", "--samples", "2",
+      "--verifier", "nowhere"], "no verifier at nowhere: config.json is missing"),
+    (["verifier", "train", "--model", "m", "--data", str(EXAMPLES / "gsm8k_train_sample.jsonl"), "--samples", "1"],
+     "samples must be at least 2"),
+    (["verifier", "train", "--model", "m", "--data", str(EXAMPLES / "gsm8k_train_sample.jsonl"), "--held-out", "1.5"],
+     "held_out and threshold between 0 and 1"),
 ])
 def test_bad_input_is_a_clear_error(home, args, message):
     result = run(*args)
@@ -208,8 +220,8 @@ def test_eval_with_samples_reports_the_vote_beside_greedy(overlay_model, tmp_pat
     assert result.exit_code == 0, result.output
     gen = json.loads((out / "eval.json").read_text())["generation"]
     assert gen["vote"]["samples"] == 2 and gen["vote"]["greedy_exact_match"] == gen["overlay"]["exact_match"]
-    assert "### Answer voting (2 overlay chains per question" in (out / "eval.md").read_text()
-    assert "| exact_match, vote |" in result.stdout and "| vote changed the greedy answer |" in result.stdout
+    assert "### Answer choice (2 overlay chains per question" in (out / "eval.md").read_text()
+    assert "| exact_match, vote@2 |" in result.stdout and "| pass@2 (any chain right) |" in result.stdout
 
 
 @pytest.mark.parametrize("where", ["OVERLAY_HOME", "XDG_DATA_HOME", None])
