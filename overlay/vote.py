@@ -132,7 +132,7 @@ class VoteResult:
                 "verifier": self.verifier}
 
 
-def check_choice(choose: str, verifier: Sequence[float] | object | None) -> None:
+def check_choice(choose: str, verifier: object | None) -> None:
     """Reject an unknown choice, or a verifier choice without a verifier, saying what is allowed."""
     if choose not in CHOICES:
         raise ValueError(f"choose must be one of {', '.join(CHOICES)}, got {choose!r}")
