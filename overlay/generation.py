@@ -19,7 +19,7 @@ from overlay.vote import VoteResult, check_choice, check_samples, decode_voted, 
 from overlay.verifier import Verifier, auc
 
 MEASURES = ("exact_match", "well_formed", "actions_executed", "checks_passed", "distinct_continuations",
-            "mean_tokens", "ms_per_token")
+            "mean_tokens", "ms_per_token", "ms_per_question")
 LABELS = {"checks_passed": "checks consistent (CHECKs restate their own arithmetic)"}
 METHOD_NAMES = {"overlay": "overlay (question-aware selector)", "peer": "full-context peer (GPT-2)",
                 "table_only": "table only", "track_only": "track only (the chooser's track, calculator, no selector)"}
@@ -46,7 +46,8 @@ def measures(results: Sequence[DecodeResult], answers: Sequence[str]) -> dict[st
         "checks_passed": sum(v["verdict"] == "pass" for v in verdicts) / max(1, len(verdicts)),
         "distinct_continuations": len({continuation(r) for r in results}) / n,
         "mean_tokens": tokens / n,
-        "ms_per_token": 1000 * sum(r.seconds for r in results) / max(1, tokens),
+        "ms_per_token": 1000 * sum(r.seconds for r in results) / tokens if tokens else None,  # None: no token decoded
+        "ms_per_question": 1000 * sum(r.seconds for r in results) / n,
         "stop_reasons": dict(Counter(r.stop_reason for r in results)),
     }
 
@@ -170,9 +171,9 @@ def generation_markdown(gen: dict[str, Any], title: str = "Chains decoded end to
     lines = [f"\n## {title} ({gen['questions']} questions)\n", "| measure | " + " | ".join(METHOD_NAMES[m] for m in methods)
              + " |", "|---|" + "---|" * len(methods)]
     for measure in MEASURES:
-        fmt = "{:.1f}" if measure in ("mean_tokens", "ms_per_token") else "{:.3f}"
-        lines.append(f"| {LABELS.get(measure, measure)} | " + " | ".join(fmt.format(gen[m][measure]) for m in methods)
-                     + " |")
+        fmt = "{:.1f}" if measure in ("mean_tokens", "ms_per_token", "ms_per_question") else "{:.3f}"
+        cells = [fmt.format(gen[m][measure]) if gen[m].get(measure) is not None else "–" for m in methods]
+        lines.append(f"| {LABELS.get(measure, measure)} | " + " | ".join(cells) + " |")
     lines.append("| stop reasons | " + " | ".join(
         ", ".join(f"{k} {v}" for k, v in sorted(gen[m]["stop_reasons"].items())) for m in methods) + " |")
     if "vote" in gen:
