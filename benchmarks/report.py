@@ -165,8 +165,28 @@ def gpu_section(d: dict[str, Any]) -> str:
                                            ("selector_only_windows_per_s", "selector alone, windows/s")]), ""])
 
 
+def get_tracks_section(d: dict[str, Any]) -> str:
+    """GetTracks per question against the in-process BM25 scan of the same tracks, GetNeighbours for scale."""
+    return "\n".join([
+        f"### GetTracks (k = {d['k']}, {d['tracks']:,} tracks in {d['shards']} shards, {d['questions']:,} questions)",
+        f"The in-process scan computes the same BM25 scores in Python over every track: "
+        f"it is {d['ratio_peer_over_round_trip']:.1f}× the round trip's median.", "",
+        md_table(d["ms"], [("what", "what"), ("median", "median ms"), ("mean", "mean ms"), ("p99", "p99 ms")]), ""])
+
+
+def live_learning_section(d: dict[str, Any]) -> str:
+    """Held-out variants of learned questions before and after one feedback batch, same selector."""
+    return "\n".join([
+        f"### Live learning ({d['records']} questions of `{Path(d['learn']).name}` learned in one feedback batch, "
+        f"{d['variants']} held-out variants of them decoded before and after)",
+        f"Same selector (`{d['model']}`); only the table and its track memory change ({d['tracks_before']:,} → "
+        f"{d['tracks_after']:,} tracks, the batch applied in {d['learn_s']} s).", "",
+        md_table(d["rows"], [("when", "when"), ("version", "version"), ("overlay", "overlay exact-match"),
+                             ("track_only", "track only"), ("table_only", "table only")]), ""])
+
+
 SECTIONS = {"decode": decode_section, "step": step_section, "answers": answers_section, "rest": rest_section,
-            "neighbours": neighbours_section, "table_build": table_build_section, "train": train_section,
+            "neighbours": neighbours_section, "get_tracks": get_tracks_section, "live_learning": live_learning_section, "table_build": table_build_section, "train": train_section,
             "gpu": gpu_section}
 
 
