@@ -33,8 +33,9 @@ class TraceStep:
     `tag` is the tag of the step the token belongs to; `score` is the log-prob of the chosen token
     under the selector's softmax over `candidates`; `margin` is the chosen logit minus the best
     other; `injected` marks tokens the router inserted (tool results), which the selector did not choose.
-    `source` says where the chosen candidate came from (table, question, result; copy for a copied number's later
-    digits); `copies` lists the copy candidates offered as "source:value".
+    `source` says where the chosen candidate came from (table, question, result, track; copy for a copied number's
+    later digits); `copies` lists the copy candidates offered as "source:value"; `role` is a followed track's number
+    role ("Q2": the question's second number, "R1": the first tool result, "constant"), empty otherwise.
     """
 
     position: int
@@ -50,6 +51,7 @@ class TraceStep:
     injected: bool = False
     source: str = "table"
     copies: list[str] = field(default_factory=list)
+    role: str = ""
 
 
 def _normalised(step: TraceStep) -> TraceStep:
@@ -68,6 +70,7 @@ def _normalised(step: TraceStep) -> TraceStep:
         injected=bool(step.injected),
         source=str(step.source),
         copies=[str(c) for c in step.copies],
+        role=str(step.role),
     )
 
 

@@ -258,7 +258,7 @@ class OverlayDecoder:
 
     def _emit(self, state: DecodeState, token: int, *, injected: bool, cands: list[int] | None = None, rank: int = 0,
               score: float = 0.0, margin: float = 0.0, weight: float = 0.0, order: int = 0, source: str = "table",
-              copies: list[str] | None = None) -> None:
+              copies: list[str] | None = None, role: str = "") -> None:
         """Append one token to the chain, trace it, route it, and inject tool output when asked."""
         prof = self.stage_seconds
         t0 = time.perf_counter() if prof is not None else 0.0
@@ -267,7 +267,7 @@ class OverlayDecoder:
         is_tag = token in TAG_IDS
         state.acc.add(TraceStep(len(state.ids) - state.prompt_len - 1, token, text.strip() or text,
                                 state.router.current_tag or "", cands or [], rank, score, margin, weight, order, injected,
-                                "tool" if injected and source == "table" else source, copies or []))
+                                "tool" if injected and source == "table" else source, copies or [], role))
         if prof is not None:
             t1 = time.perf_counter()
             prof["accumulator"] += t1 - t0
@@ -429,8 +429,9 @@ class OverlayDecoder:
             choice = choose_index(masked, temperature, top_p, seed, len(state.ids))
             margin = choice_margin(masked, None, choice)
             score = values[choice]
+            role = ""
             if choice == follow:
-                tokens, source = list(proposal.tokens), "track"
+                tokens, source, role = list(proposal.tokens), "track", proposal.role
             elif choice < n_table:
                 tokens, source = [cands[choice]], "table"
             else:
@@ -449,9 +450,9 @@ class OverlayDecoder:
             offered = self._offered(copies)
             self._emit(state, tokens[0], injected=False, cands=cands, rank=choice, score=score, margin=margin,
                        weight=nb.weights[choice] if choice < len(nb.weights) else 0.0, order=nb.order, source=source,
-                       copies=offered)
+                       copies=offered, role=role)
             for t in tokens[1:]:
-                self._emit(state, t, injected=True, source="copy" if source != "track" else "track")
+                self._emit(state, t, injected=True, source="copy" if source != "track" else "track", role=role)
             if answered:
                 state.acc.stop_reason = "answer"
             if prof is not None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
@@ -70,6 +71,7 @@ end
 return out
 """
 TRACKS_SHA = hashlib.sha1(TRACKS_SCRIPT.encode()).hexdigest()
+_ROLE_OR_NUMBER = re.compile(r"\{([QR]\d+)\}|(?<![\w.{])(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?![\w}])")  # roles.fill's order
 
 
 class TrackError(ValueError):
@@ -624,10 +626,12 @@ def open_tracks(table: Any) -> TrackMemory | None:
 
 @dataclass
 class Proposal:
-    """The followed track's next decision: one token, or a whole number (its value and the tokens that spell it)."""
+    """The followed track's next decision: one token, or a whole number (its value, the tokens that spell it and
+    its role: "Q2", "R1" or "constant")."""
 
     tokens: list[int]
     value: str | None = None
+    role: str = ""
 
 
 class Follower:
@@ -672,10 +676,13 @@ class Follower:
             self.alive = False
             return
         ids = self.encode(" " + filled.strip() + " ")
+        spans = list(self.spans(ids))
+        roles = [m.group(1) or "constant" for m in _ROLE_OR_NUMBER.finditer(text)]
+        roles = roles if len(roles) == len(spans) else [""] * len(spans)  # numbers the tokenizer spells otherwise
         units, i = [], 0
-        for first, end, value in self.spans(ids):
+        for (first, end, value), role in zip(spans, roles):
             units += [Proposal([t]) for t in ids[i:first]]
-            units.append(Proposal(ids[first:end], value))
+            units.append(Proposal(ids[first:end], value, role))
             i = end
         self.queue = units + [Proposal([t]) for t in ids[i:]]
 

@@ -65,6 +65,9 @@ def test_end_to_end_trace_is_consistent(parts, tracks):
             offered = step["copies"][step["chosen_rank"] - len(step["candidates"])]
             assert offered.startswith(step["source"] + ":") and offered.split(":")[1].startswith(step["token"])
     assert ("track" if tracks else "table") in sources and (tracks or "track" not in sources)
+    roles = {step["role"] for step in steps if step["token"].isdigit() and step["source"] == "track"}
+    assert all(r == "constant" or r[0] in "QR" and r[1:].isdigit() for r in roles)  # a followed number says its role
+    assert bool(roles) == bool(tracks) and not any(s["role"] for s in steps if s["source"] != "track")
     for call in result.tool_calls:
         if call["ok"]:
             assert f"<RESULT> {call['output']}" in result.text
