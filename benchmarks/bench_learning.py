@@ -3,7 +3,7 @@ batch marks those questions' chains correct — same selector, only the table an
 
 The table (with its track memory) is built from ``--data`` into ``--home``'s embedded Redis with the model's own
 tokenizer (or the domain is reused with ``--reuse``). The first ``--records`` of ``--learn`` (GSM8K format, e.g. the
-GSM8K test split) are the questions learned; their held-out variants (numbers and names changed, the stellator's
+GSM8K test split) that can vary are the questions learned; their held-out variants (numbers and names changed, the stellator's
 held-out split) are decoded before and after ``apply_feedback`` (a reused domain keeps the learned version active).
 
     python benchmarks/bench_learning.py --model runs/qa --data runs/stellator-full/train.jsonl \
@@ -32,11 +32,12 @@ def main() -> None:
     from overlay import store
     from overlay.chains import load_chains
     from overlay.decode import DecodeConfig
-    from overlay.generation import heldout_variants, verification_success
+    from overlay.generation import verification_success
     from overlay.learn import append_feedback, apply_feedback
     from overlay.pipeline import build_table_from_file
     from overlay.selector import load_selector
     from overlay.table import SemanticTable
+    from overlay.variants import HELDOUT_VARIANTS, generate_variants, library_from_gsm8k
 
     model, tok = load_selector(args.model)
     decode = DecodeConfig(max_tokens=args.max_tokens)
@@ -46,8 +47,10 @@ def main() -> None:
             start = time.perf_counter()
             build_table_from_file(client, args.data, "gsm8k", args.domain, tokenizer_path=args.model / "tokenizer.json")
             print(f"built {args.domain} from {args.data} in {time.perf_counter() - start:.0f} s (home {home})")
-        learned = load_chains(args.learn, "gsm8k", limit=args.records).chains
-        variants = heldout_variants(str(args.learn), args.records)
+        library = library_from_gsm8k(str(args.learn), args.records)  # the first N records that vary (ids gsm8k-<line>)
+        lines = {int(t.id.rpartition("-")[2]) for t in library.tracks}
+        learned = [c for c in load_chains(args.learn, "gsm8k", limit=max(lines)).chains if c.line in lines]
+        variants = [v.chain for v in generate_variants(library, HELDOUT_VARIANTS).heldout]
         before_table = SemanticTable(client, args.domain)
         before = verification_success(before_table, model, tok, variants, decode, keep=0)
         for chain in learned:
@@ -62,7 +65,7 @@ def main() -> None:
                                            ("after one feedback batch", report.version, after))]
         print(common.table(rows, title=f"exact-match on {len(variants)} held-out variants of {len(learned)} learned "
                                        f"questions ({args.learn.name}), same selector"))
-        common.write_json("live_learning", {
+        common.write_json("learning", {
             "model": str(args.model), "data": str(args.data), "learn": str(args.learn), "records": len(learned),
             "variants": len(variants), "max_tokens": args.max_tokens, "learn_s": round(learn_s, 1),
             "tracks_before": int(before_table.meta.get("tracks", 0) or 0),
