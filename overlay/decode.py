@@ -26,6 +26,8 @@ from overlay.table import SemanticTable
 from overlay.tokenizer import decode, encode
 from overlay.tracks import TOP_K
 
+PEER_MARGIN = 64  # tokens kept free below the peer's n_positions: a tool result is injected in one go
+
 IDS = {tag: i for i, tag in enumerate(SPECIAL_TOKENS)}
 BOS_ID = IDS[BOS]
 NEVER = frozenset(IDS[t] for t in (PAD, UNK, BOS, Q))
@@ -485,6 +487,9 @@ class OverlayDecoder:
         if last in TAG_IDS and router.steps and self._repeats(router) >= self.config.max_step_repeats:
             acc.stop_reason = "repetition"
             router.finish()
+            return
+        if self.peer is not None and len(state.ids) >= self.peer.context - PEER_MARGIN:
+            acc.stop_reason = "context_limit"  # the peer has no position beyond its n_positions
             return
         reason = acc.should_stop(self.config.max_tokens, self.config.min_mean_logprob)
         if reason and reason != "max_tokens" and not router.done:

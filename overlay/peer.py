@@ -45,6 +45,7 @@ class PeerScorer:
 
     def __init__(self, model: Any, vocab_size: int) -> None:
         self.lm = getattr(model, "model", model)
+        self.context = int(getattr(self.lm.config, "n_positions", 1024))  # the chain stops before its positions end
         ids = list(range(vocab_size))
         self.vocabulary = Neighbours(ids, [0.0] * vocab_size, [0] * vocab_size, [0] * vocab_size, 0)
 

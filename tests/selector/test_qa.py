@@ -12,7 +12,7 @@ import torch
 
 from overlay.chains import Chain, Step, load_chains
 from overlay.dataset import DatasetConfig, build_dataset, prompt_length
-from overlay.decode import DecodeConfig, OverlayDecoder
+from overlay.decode import PEER_MARGIN, DecodeConfig, OverlayDecoder
 from overlay.selector import QAScorer, QASelector, QASelectorConfig, load_selector
 from overlay.selector.batches import collate, make_example
 from overlay.selector.state import NumberSpans, token_texts
@@ -129,6 +129,16 @@ def test_peer_trains_and_decodes_with_the_same_loop(trained):
         "Tom buys 4 boxes of 21 pens. How many pens does Tom have?")
     assert result.tokens > 0
     assert all(s["source"] in ("table", "tool") for s in result.trace["steps"])
+    # a token limit past the peer's positions stops the chain where they end, never inside the model
+    context = model.config.n_positions
+    long = OverlayDecoder(table, model, tok, DecodeConfig(max_tokens=context * 2, max_step_repeats=10**6))
+    state = long.new_state("Tom buys 4 boxes of 21 pens. How many pens does Tom have?")
+    step = encode(tok, "<ACTION> CALL calc(21*4) <RESULT> 84 <CHECK> calc(21*4) = 84 ")
+    while len(state.ids) < context - PEER_MARGIN:
+        long.force(state, step)
+    long.run_batch([state])
+    assert state.acc.stop_reason in ("context_limit", "eos") and len(state.ids) < context
+    assert sum(not s.injected for s in state.acc.steps) == 1  # one decision past the limit, then it stops
 
 
 def test_per_token_state_does_not_grow_with_the_chain(trained):
