@@ -136,4 +136,5 @@ def test_lfx_run_of_the_shipped_flow_answers_with_the_verdict(overlay_model):
     done = subprocess.run([Path(sys.executable).parent / "lfx", "run", ROOT / "flows" / "get_tracks.json", VARIANT,
                            "--format", "text"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == node(overlay_model, question=VARIANT).get_verdict().text
+    shipped = GetTracksComponent().k  # the flow holds the node's default K
+    assert done.stdout.strip() == node(overlay_model, question=VARIANT, k=shipped).get_verdict().text
