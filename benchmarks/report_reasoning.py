@@ -82,10 +82,21 @@ def _source(path: Path, data: dict[str, Any], where: str) -> str:
             f"([{path.name}]({where}/{_link(path)}))\n")
 
 
+def _chosen(vote: dict[str, Any] | None) -> list[Any]:
+    """Chains per question, vote@N, verifier best-of-N and pass@N of a result's answer choice (None where absent; a
+    result saved before the plain vote was kept apart has only the chosen answer, which was the vote's)."""
+    if not vote:
+        return [None] * 4
+    return [vote["samples"], vote.get("vote_exact_match", vote["exact_match"]), vote.get("verifier_exact_match"),
+            vote.get("pass_at_n")]
+
+
 def summary() -> str:
-    """One row per decoded-chain result: exact-match of each method, well-formed chains and checks passed."""
+    """One row per decoded-chain result: exact-match of each method, well-formed chains, consistent checks and, where
+    N chains were decoded per question, the plain vote, verifier best-of-N and pass@N over them."""
     rows = ["| result | questions | exact-match: overlay | peer | table only | track only | well-formed (overlay) "
-            "| checks passed | vote exact-match |", "|---|---|---|---|---|---|---|---|---|"]
+            "| checks consistent | chains N | vote@N | verifier best-of-N | pass@N |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         for part, suffix in PARTS.items():
@@ -97,7 +108,7 @@ def summary() -> str:
                      gen["overlay"]["exact_match"], gen.get("peer", {}).get("exact_match"),
                      gen.get("table_only", {}).get("exact_match"), gen.get("track_only", {}).get("exact_match"),
                      gen["overlay"]["well_formed"],
-                     gen["overlay"]["checks_passed"], gen.get("vote", {}).get("exact_match")]
+                     gen["overlay"]["checks_passed"], *_chosen(gen.get("vote"))]
             rows.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     for path in sorted(IMPROVE.glob("*.json")):
         data = json.loads(path.read_text())
@@ -107,7 +118,7 @@ def summary() -> str:
                         f"({_link(path)}) | {last['questions']} | "
                         f"{_fmt(first['exact_match'])} → {_fmt(last['exact_match'])} | – | – | – | "
                         f"{_fmt(first['well_formed'])} → {_fmt(last['well_formed'])} | "
-                        f"{_fmt(first['checks_passed'])} → {_fmt(last['checks_passed'])} | – |")
+                        f"{_fmt(first['checks_passed'])} → {_fmt(last['checks_passed'])} | – | – | – | – |")
     return "\n".join(rows) + "\n"
 
 

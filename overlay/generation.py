@@ -77,12 +77,21 @@ def vote_all(decoder: OverlayDecoder, questions: Sequence[str], greedy: Sequence
     return votes
 
 
+def prefix_sizes(samples: int) -> list[int]:
+    """The smaller sample counts reported inside an N-chain evaluation: 1, 2, 4, 8, ... below N."""
+    return [k for k in (2 ** j for j in range(samples.bit_length())) if k < samples]
+
+
 def vote_measures(votes: Sequence[VoteResult], greedy: Sequence[DecodeResult],
-                  answers: Sequence[str]) -> dict[str, Any]:
+                  answers: Sequence[str], verifier: Verifier | None = None) -> dict[str, Any]:
     """The chosen answers beside greedy decoding: exact-match of the choice made, of greedy, of the plain vote and
     (when a verifier scored the chains) of verifier best-of-N and the verifier-weighted vote over the same chains;
     pass@N (any chain right: what a perfect chooser would get); how often the choice changed the greedy answer; how
-    many chains had consistent checks and how many the verifier accepted; its ranking of the chains (AUC)."""
+    many chains had consistent checks and how many the verifier accepted; its ranking of the chains (AUC).
+
+    ``prefixes`` gives pass@k, vote@k and (with ``verifier``, which rescores the k chains among themselves) verifier
+    best-of-k and verifier-weighted vote@k over the first k chains, for k = 1, 2, 4, ... below N: chain i has the
+    same seed whatever N is, so these are what ``--samples k`` decodes, without decoding again."""
     n = max(1, len(votes))
 
     def right(chosen: Sequence[str | None]) -> float:
@@ -108,6 +117,18 @@ def vote_measures(votes: Sequence[VoteResult], greedy: Sequence[DecodeResult],
                 "verifier_auc": auc([p for v in votes for p in v.verifier], labels),
                 "chains_verified": sum(checks) / max(1, len(checks)),
                 "verified_right": sum(c and y for c, y in zip(checks, labels)) / max(1, sum(checks))}
+    prefixes = []
+    for k in prefix_sizes(min((v.samples for v in votes), default=0)):
+        heads = [v.results[:k] for v in votes]
+        row = {"chains": k, "pass": sum(any(answers_match(r.answer, a) for r in h) for h, a in zip(heads, answers)) / n,
+               "vote": right([vote(h).answer for h in heads])}
+        if verifier is not None:
+            scores = [verifier.score_group(h) for h in heads]
+            row |= {"verifier": right([vote(h, None, s, "verifier").answer for h, s in zip(heads, scores)]),
+                    "verifier_vote": right([vote(h, None, s, "verifier-vote").answer for h, s in zip(heads, scores)])}
+        prefixes.append(row)
+    if prefixes:
+        out["prefixes"] = prefixes
     return out
 
 
@@ -140,7 +161,7 @@ def verification_success(table, model, tokenizer, chains: Sequence[Chain], confi
             start = time.perf_counter()
             votes = vote_all(decoder, [c.question for c in chains], results, samples, progress, verifier, choose)
             temperature, top_p, _ = sample_settings(decoder.config, samples)[1]
-            out["vote"] = vote_measures(votes, results, [c.answer for c in chains]) | {
+            out["vote"] = vote_measures(votes, results, [c.answer for c in chains], verifier) | {
                 "choose": choose, "temperature": temperature, "top_p": top_p, "seconds": time.perf_counter() - start}
             if verifier is not None:
                 out["vote"]["verifier_ms_per_chain"] = verifier_cost(verifier, votes)
@@ -213,7 +234,18 @@ def vote_markdown(vote: dict[str, Any]) -> list[str]:
         lines += [f"| verifier AUC over these chains | {shown} |",
                   f"| verifier ms per chain | {vote['verifier_ms_per_chain']:.3f} |"]
     rules = ", ".join(f"{k} {v}" for k, v in sorted(vote["rules"].items()))
-    return lines + [f"| rule used (questions) | {rules} |"]
+    lines.append(f"| rule used (questions) | {rules} |")
+    if vote.get("prefixes"):
+        scored = "verifier" in vote["prefixes"][0]
+        lines += [f"\nThe first k of the {n} chains (the chains `--samples k` decodes, same seeds):\n",
+                  "| chains k | pass@k | vote@k" + (" | verifier best-of-k | verifier-weighted vote@k" if scored else "")
+                  + " |", "|---|---|---" + ("|---|---" if scored else "") + "|"]
+        for row in vote["prefixes"] + [{"chains": n, "pass": vote.get("pass_at_n"), "vote": rows[f"exact_match, vote@{n}"],
+                                        "verifier": vote.get("verifier_exact_match"),
+                                        "verifier_vote": vote.get("verifier_vote_exact_match")}]:
+            cells = [row["pass"], row["vote"]] + ([row.get("verifier"), row.get("verifier_vote")] if scored else [])
+            lines.append(f"| {row['chains']} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return lines
 
 
 def heldout_variants(train_file: str, tracks: int, seed: int = 0) -> list[Chain]:

@@ -13,7 +13,7 @@ import pytest
 
 from overlay.chains import answers_match, load_chains
 from overlay.decode import DecodeConfig, OverlayDecoder
-from overlay.generation import generation_markdown, verification_success, vote_measures
+from overlay.generation import generation_markdown, verification_success, vote_markdown, vote_measures
 from overlay.langflow_support import chat_text
 from overlay.router import ChainCheck
 from overlay.selector import load_selector
@@ -148,6 +148,23 @@ def test_pass_at_n_counts_a_question_once_any_chain_is_right(stickers, trained):
     measured = vote_measures(votes, [v.results[0] for v in votes], [c.answer for c in chains])
     expected = [any(answers_match(r.answer, c.answer) for r in v.results) for v, c in zip(votes, chains)]
     assert expected[1] is False and measured["pass_at_n"] == sum(expected) / 2
+
+
+def test_the_first_k_chains_are_what_samples_k_decodes(stickers, trained):
+    """pass@k, vote@k and verifier best-of-k inside an 8-chain evaluation equal those of a 4-chain one (same seeds)."""
+    table, model, tok, _, tests, _ = stickers
+    config = DecodeConfig(max_tokens=80)
+    eight, four = (verification_success(table, model, tok, tests, config, samples=n, verifier=trained)["vote"]
+                   for n in (8, 4))
+    assert [row["chains"] for row in eight["prefixes"]] == [1, 2, 4]
+    at4 = eight["prefixes"][2]
+    assert at4["pass"] == four["pass_at_n"] and at4["vote"] == four["vote_exact_match"]
+    assert at4["verifier"] == four["verifier_exact_match"]
+    assert at4["verifier_vote"] == four["verifier_vote_exact_match"]
+    assert eight["prefixes"][0]["pass"] == eight["greedy_exact_match"] and at4["pass"] <= eight["pass_at_n"]
+    markdown = "\n".join(vote_markdown(eight))
+    assert f"| 4 | {at4['pass']:.3f} | {at4['vote']:.3f} | {at4['verifier']:.3f} |" in markdown
+    assert f"| 8 | {eight['pass_at_n']:.3f} | {eight['vote_exact_match']:.3f} |" in markdown
 
 
 def load_chains_record(question: str, answer: str):
