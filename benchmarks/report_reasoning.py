@@ -16,8 +16,11 @@ the text between ``<!-- reasoning:start -->`` and ``<!-- reasoning:end -->`` in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,36 @@ START, END = "<!-- reasoning:start -->", "<!-- reasoning:end -->"
 PARTS = {"generation": "", "variants": " — held-out variants"}
 
 
-def _stamp(name: str, command: str) -> dict[str, str]:
-    return {"name": name, "command": command, "date": time.strftime("%Y-%m-%d"),
-            "machine": report.machine_line(common.machine())}
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _stamp(name: str, command: str) -> dict[str, Any]:
+    """How a result was made, written by the code: the command, the commit (and whether tracked files had changes),
+    the machine with its load, the library versions, and the models the command names (--model, --peer)."""
+    machine = common.machine()
+    return {"name": name, "command": command, "date": time.strftime("%Y-%m-%d"), "machine": report.machine_line(machine),
+            "commit": _git("rev-parse", "HEAD"), "tree_clean": not _git("status", "--porcelain", "--untracked-files=no"),
+            "load_avg": machine.get("load_avg_at_start"), "versions": common.versions(), "models": _models(command)}
+
+
+def _models(command: str) -> dict[str, Any]:
+    """Configuration, size and training of each model folder the command names (what its train_result.json says)."""
+    words, out = shlex.split(command.split("#")[0]), {}
+    for flag in ("--model", "--peer"):
+        if flag not in words[:-1]:
+            continue
+        folder = Path(words[words.index(flag) + 1])
+        info: dict[str, Any] = {"path": str(folder)}
+        for file, keys in (("config.json", None), ("train_result.json", ("step", "params", "rows_train", "eval_accuracy",
+                                                                          "seconds", "device"))):
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads((folder / file).read_text())
+                info |= {k: doc[k] for k in (keys or ("model_type", "n_layer", "n_head", "n_embd", "n_positions",
+                                                      "vocab_size", "tokenizer_hash")) if k in doc}
+        out[flag.strip("-")] = info
+    return out
 
 
 def _write(folder: Path, name: str, data: dict[str, Any]) -> Path:
@@ -47,7 +77,7 @@ def _write(folder: Path, name: str, data: dict[str, Any]) -> Path:
 def save(report: Path, name: str, command: str) -> Path:
     """Keep the decoded-chain measures of an eval report (no examples) with how they were made."""
     data = json.loads(report.read_text())
-    out: dict[str, Any] = _stamp(name, command)
+    out: dict[str, Any] = _stamp(name, command) | {k: data[k] for k in ("table", "tokenizer_hash") if k in data}
     for part in PARTS:
         if part in data:
             out[part] = {k: ({m: v for m, v in val.items() if m != "examples"} if isinstance(val, dict) else val)
