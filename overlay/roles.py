@@ -35,6 +35,7 @@ _WORD = re.compile(r"[a-z]+|#")
 _SENTENCE_END = re.compile(r"[.!?;]\s")
 _ROLE = re.compile(r"\{([QR])(\d+)\}")
 _CHAIN_NUMBER = re.compile(r"(?<![\w.{])(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?![\w}])")
+_ROLE_OR_NUMBER = re.compile(f"{_ROLE.pattern}|{_CHAIN_NUMBER.pattern}")  # a role, or a number kept as a constant
 ANCHOR_SPAN = 4  # words each side of a number that make its anchor
 ABSTRACT = ("?", "@")  # anchor terms about the question's structure ("?asked", "@1", "=?q": in the asking sentence)
 ABSTRACT_IDF = 4.0  # their weight beside word idf (a rare word's is 4–8)
@@ -453,6 +454,11 @@ def fill(text: str, binding: Binding, numbers: Sequence[QuestionNumber], results
     return None if missing else out
 
 
+def number_roles(text: str) -> list[str]:
+    """The role of each number ``fill`` writes into a step text, in order: "Q2", "R1", or "constant"."""
+    return ["%s%s" % m.group(1, 2) if m.group(1) else "constant" for m in _ROLE_OR_NUMBER.finditer(text)]
+
+
 def execute(track: AbstractChain, binding: Binding, numbers: Sequence[QuestionNumber]) -> tuple[str | None, list[tuple[str, str]]]:
     """Follow a track with this question's numbers and the calculator alone: (answer or None, filled steps)."""
     results: list[str] = []
@@ -489,4 +495,5 @@ def check_roles(track: AbstractChain, chain: Chain) -> bool:
 
 
 __all__ = ["AbstractChain", "Binding", "QuestionNumber", "abstract_chain", "bind", "check_roles", "execute", "fill",
-           "asking_words", "bindings", "masked_question", "names", "number_value", "question_numbers", "similarity"]
+           "asking_words", "bindings", "masked_question", "names", "number_roles", "number_value", "question_numbers",
+           "similarity"]

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import random
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
@@ -30,7 +29,7 @@ import numpy as np
 
 from overlay.chains import RESULT, Chain, answers_match
 from overlay.roles import (AbstractChain, Binding, QuestionNumber, abstract_chain, asking_words, bind, bindings,
-                           execute, fill, masked_question, question_numbers, words)
+                           execute, fill, masked_question, number_roles, question_numbers, words)
 from overlay.table import _text, _vkey, check_domain
 
 SHARDS = 4
@@ -71,7 +70,6 @@ end
 return out
 """
 TRACKS_SHA = hashlib.sha1(TRACKS_SCRIPT.encode()).hexdigest()
-_ROLE_OR_NUMBER = re.compile(r"\{([QR]\d+)\}|(?<![\w.{])(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?![\w}])")  # roles.fill's order
 
 
 class TrackError(ValueError):
@@ -677,7 +675,7 @@ class Follower:
             return
         ids = self.encode(" " + filled.strip() + " ")
         spans = list(self.spans(ids))
-        roles = [m.group(1) or "constant" for m in _ROLE_OR_NUMBER.finditer(text)]
+        roles = number_roles(text)
         roles = roles if len(roles) == len(spans) else [""] * len(spans)  # numbers the tokenizer spells otherwise
         units, i = [], 0
         for (first, end, value), role in zip(spans, roles):
