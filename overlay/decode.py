@@ -181,6 +181,7 @@ class OverlayDecoder:
 
             tracks = open_tracks(table) if model is not None else None
         self.tracks = tracks  # a tracks.TrackMemory, or None: no track is followed
+        self._routed: tuple | None = None  # (memory, question, k, chosen, retrieved) of the last GetTracks
         self.adapter = adapter
         self.model = model.eval() if model is not None else None
         self.tokenizer = tokenizer
@@ -227,7 +228,12 @@ class OverlayDecoder:
         from overlay.roles import question_numbers
         from overlay.tracks import Follower
 
-        best, state.retrieved = self.tracks.choose(state.question, self.config.tracks)
+        routed = self._routed  # the chains of a vote share their question's one GetTracks
+        if routed is None or routed[0] is not self.tracks or routed[1:3] != (state.question, self.config.tracks):
+            routed = (self.tracks, state.question, self.config.tracks, *self.tracks.choose(state.question,
+                                                                                              self.config.tracks))
+            self._routed = routed
+        best, state.retrieved = routed[3], routed[4]
         temperature, _, seed = state.sampling or (self.config.temperature, self.config.top_p, self.config.seed)
         if temperature > 0:
             options = [r for r in state.retrieved if r.answer is not None]
