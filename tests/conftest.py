@@ -163,37 +163,46 @@ def overlay_redis(tmp_path_factory):
     server.shutdown()
 
 
-@pytest.fixture(scope="session")
-def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
-    """Table (with its track memory) from the first 100 sample chains, its token-level dataset, and a selector
-    trained 100 steps (seconds)."""
+def tiny_overlay(client, domain: str, chains: list, folder: Path, *, vocab_size: int, steps: int,
+                 families: list[str] | None = None) -> Path:
+    """A table (with its track memory) of ``chains`` in ``domain``, its token-level dataset and a 1×32 window
+    selector trained ``steps`` steps on one thread (seconds); returns the model folder."""
     import torch
 
-    from overlay.chains import load_chains
     from overlay.dataset import DatasetConfig, build_dataset
     from overlay.table import SemanticTable, build_table
     from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
     from overlay.tracks import make_tracks
     from overlay.train import TrainConfig, train
 
-    folder = tmp_path_factory.mktemp("overlay-model")
-    chains = load_chains(Path(__file__).resolve().parent.parent / "examples" / "data" / "gsm8k_train_sample.jsonl",
-                         limit=100).chains
     texts = [chain.to_text() for chain in chains]
-    tok = train_tokenizer(texts, vocab_size=756)
-    build_table(overlay_redis, "lf-test", [encode(tok, t) for t in texts], vocab_size=len(tok),
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    build_table(client, domain, [encode(tok, t) for t in texts], vocab_size=len(tok),
                 tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3,
-                tracks=make_tracks(chains, [f"gsm8k-{c.line}" for c in chains]))
-    build_dataset(SemanticTable(overlay_redis, "lf-test"), tok, chains, folder / "dataset",
-                  DatasetConfig(window=8, candidates=16))
+                tracks=make_tracks(chains, families))
+    build_dataset(SemanticTable(client, domain), tok, chains, folder / "dataset", DatasetConfig(window=8, candidates=16))
     threads = torch.get_num_threads()
     try:
-        train(TrainConfig(data=str(folder / "dataset"), out=str(folder / "model"), steps=100, n_layer=1, n_head=2,
+        train(TrainConfig(data=str(folder / "dataset"), out=str(folder / "model"), steps=steps, n_layer=1, n_head=2,
                           n_embd=32, batch_size=64, warmup=10, eval_every=0, eval_rows=500, save_every=0, threads=1),
               progress=False)
     finally:
         torch.set_num_threads(threads)
-    return OverlayModel("lf-test", str(folder / "model"), f"unix://{overlay_redis.socket_file}", overlay_redis)
+    return folder / "model"
+
+
+@pytest.fixture(scope="session")
+def overlay_model(overlay_redis, tmp_path_factory) -> OverlayModel:
+    """Table (with its track memory) from the first 100 sample chains, its token-level dataset, and a selector
+    trained 100 steps (seconds)."""
+    from overlay.chains import load_chains
+
+    folder = tmp_path_factory.mktemp("overlay-model")
+    chains = load_chains(Path(__file__).resolve().parent.parent / "examples" / "data" / "gsm8k_train_sample.jsonl",
+                         limit=100).chains
+    model = tiny_overlay(overlay_redis, "lf-test", chains, folder, vocab_size=756, steps=100,
+                         families=[f"gsm8k-{c.line}" for c in chains])
+    return OverlayModel("lf-test", str(model), f"unix://{overlay_redis.socket_file}", overlay_redis)
 
 
 @pytest.fixture(scope="session")

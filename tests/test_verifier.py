@@ -22,6 +22,8 @@ from overlay.verifier import (CONFIG_NAME, FEATURES, PEER_FEATURES, WEIGHTS_NAME
                               VerifierError, WithoutOwnTrack, auc, chain_features, find_verifier, train_verifier)
 from overlay.vote import decode_voted, vote
 
+from conftest import tiny_overlay
+
 NAMES = ["Lily", "Emma", "Mia", "Ava", "Zoe", "Ella", "Nora", "Ruth", "Iris", "Jade", "Cora", "Anna"]
 SHAPES = {
     "give, buy": ("{n} had {a} stickers. She gave {b} to her brother and then bought {c} more. How many stickers "
@@ -55,34 +57,14 @@ def sticker_records(count: int, seed: int) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def stickers(overlay_redis, tmp_path_factory):
     """(table, selector, tokenizer, training chains, test chains) of the sticker domain; selector trained 250 steps."""
-    import torch
-
-    from overlay.dataset import DatasetConfig, build_dataset
-    from overlay.table import build_table
-    from overlay.tokenizer import encode, tokenizer_hash, train_tokenizer
-    from overlay.tracks import make_tracks
-    from overlay.train import TrainConfig, train
-
     folder = tmp_path_factory.mktemp("stickers")
     for name, count, seed in (("train", 60, 0), ("test", 12, 1)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sticker_records(count, seed)))
     chains = load_chains(folder / "train.jsonl").chains
-    texts = [c.to_text() for c in chains]
-    tok = train_tokenizer(texts, vocab_size=400)
-    build_table(overlay_redis, "verifier-test", [encode(tok, t) for t in texts], vocab_size=len(tok),
-                tokenizer_json=tok.backend_tokenizer.to_str(), tokenizer_hash=tokenizer_hash(tok), max_order=3,
-                tracks=make_tracks(chains))
-    table = SemanticTable(overlay_redis, "verifier-test")
-    build_dataset(table, tok, chains, folder / "dataset", DatasetConfig(window=8, candidates=16))
-    threads = torch.get_num_threads()
-    try:
-        train(TrainConfig(data=str(folder / "dataset"), out=str(folder / "model"), steps=250, n_layer=1, n_head=2,
-                          n_embd=32, batch_size=64, warmup=10, eval_every=0, eval_rows=500, save_every=0, threads=1),
-              progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    model, tok = load_selector(folder / "model")
-    return table, model, tok, chains, load_chains(folder / "test.jsonl").chains, folder / "model"
+    model_dir = tiny_overlay(overlay_redis, "verifier-test", chains, folder, vocab_size=400, steps=250)
+    model, tok = load_selector(model_dir)
+    return (SemanticTable(overlay_redis, "verifier-test"), model, tok, chains, load_chains(folder / "test.jsonl").chains,
+            model_dir)
 
 
 @pytest.fixture(scope="module")
